@@ -1,0 +1,115 @@
+"""Transformer building blocks: RMSNorm, embeddings, rotary causal attention, dense FFN.
+
+Parameters are float32 and carry logical axis names (see sharding.py); matmuls run in the
+model dtype. Attention is segment-aware: packed documents never attend to each other, and
+rotary positions restart with each document.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import sharding
+
+
+def param(rngs: nnx.Rngs, shape, logical, fan_in: int, scale: float = 1.0) -> nnx.Param:
+    """A float32 weight drawn from a truncated normal with std scale/sqrt(fan_in)."""
+    init = nnx.initializers.truncated_normal(stddev=scale / fan_in ** 0.5)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=logical)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=('norm',))
+        self.eps = eps
+
+    def __call__(self, x_BTD):
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...]).astype(x_BTD.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+        self.table_VD = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=1)
+
+    def __call__(self, ids_BT, dtype):
+        x_BTD = jnp.take(self.table_VD[...], ids_BT, axis=0).astype(dtype)
+        return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+
+def rotary(x_BTHK, positions_BT, base: float):
+    """Rotate channel pairs by position-dependent angles (RoFormer), in float32."""
+    half = x_BTHK.shape[-1] // 2
+    freq_K = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTK = positions_BT[..., None].astype(jnp.float32) * freq_K
+    sin, cos = jnp.sin(angle_BTK)[:, :, None], jnp.cos(angle_BTK)[:, :, None]
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+def attention_mask(segment_ids_BT, causal: bool = True):
+    """[B, 1, T, T] mask: same (non-padding) segment and, if causal, not the future."""
+    seg = segment_ids_BT
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    if causal:
+        t = seg.shape[1]
+        mask &= jnp.tril(jnp.ones((t, t), bool))
+    return mask[:, None]
+
+
+class Attention(nnx.Module):
+    """Multi-head causal self-attention with rotary positions and grouped-query K/V."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, rope_base: float,
+                 *, rngs: nnx.Rngs):
+        self.head_dim = d_model // num_heads
+        self.rope_base = rope_base
+        k = self.head_dim
+        self.wq_DHK = param(rngs, (d_model, num_heads, k), ('embed', 'heads', 'head_dim'), d_model)
+        self.wk_DHK = param(rngs, (d_model, num_kv_heads, k), ('embed', 'kv_heads', 'head_dim'),
+                            d_model)
+        self.wv_DHK = param(rngs, (d_model, num_kv_heads, k), ('embed', 'kv_heads', 'head_dim'),
+                            d_model)
+        self.wo_HKD = param(rngs, (num_heads, k, d_model), ('heads', 'head_dim', 'embed'),
+                            num_heads * k)
+
+    def project_qkv(self, x_BTD, positions_BT):
+        dt = x_BTD.dtype
+        q = jnp.einsum('btd,dhk->bthk', x_BTD, self.wq_DHK[...].astype(dt))
+        k = jnp.einsum('btd,dhk->bthk', x_BTD, self.wk_DHK[...].astype(dt))
+        v = jnp.einsum('btd,dhk->bthk', x_BTD, self.wv_DHK[...].astype(dt))
+        q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))
+        return rotary(q, positions_BT, self.rope_base), rotary(k, positions_BT, self.rope_base), v
+
+    def attend(self, q_BTHK, k_BSHK, v_BSHK, mask_B1TS):
+        """Softmax attention in float32 logits; K/V heads are shared by groups of Q heads."""
+        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS)
+        return jnp.einsum('bthk,hkd->btd', out_BTHK, self.wo_HKD[...].astype(q_BTHK.dtype))
+
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+        q, k, v = self.project_qkv(x_BTD, positions_BT)
+        return self.attend(q, k, v, attention_mask(segment_ids_BT))
+
+
+def activate(h_F, gate_F, kind: str):
+    """GELU, or SwiGLU when a gate projection exists."""
+    return jax.nn.silu(gate_F) * h_F if kind == 'swiglu' else jax.nn.gelu(h_F)
+
+
+class MLP(nnx.Module):
+    """The dense FFN: D -> F -> D, GELU or SwiGLU."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs):
+        self.activation = activation
+        self.w_in_DF = param(rngs, (d_model, d_ff), ('embed', 'mlp'), d_model)
+        self.w_gate_DF = (param(rngs, (d_model, d_ff), ('embed', 'mlp'), d_model)
+                          if activation == 'swiglu' else None)
+        self.w_out_FD = param(rngs, (d_ff, d_model), ('mlp', 'embed'), d_ff)
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        h = x_BTD @ self.w_in_DF[...].astype(dt)
+        gate = x_BTD @ self.w_gate_DF[...].astype(dt) if self.w_gate_DF is not None else None
+        h = sharding.constrain(activate(h, gate, self.activation), ('batch', 'length', 'act_mlp'))
+        return h @ self.w_out_FD[...].astype(dt)

@@ -1,0 +1,130 @@
+"""Metric writers: a console progress line, metrics.jsonl and TensorBoard; and MFU.
+
+Only process 0 writes. metrics.jsonl holds one JSON object per logged step (and eval records
+with eval_* keys); on resume it is cut back to the restored step so curves never repeat.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+# Peak dense bf16 FLOP/s per chip, for MFU; None where unknown (MFU then not reported).
+PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
+              'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12}
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, 'device_kind', '')
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+def to_python(value):
+    """Arrays -> floats/lists, rounded so the log stays readable."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return round(float(arr), 6) if arr.dtype.kind == 'f' else arr.item()
+    return np.round(arr.astype(np.float64), 5).tolist()
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, 'metrics.jsonl')
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter  # imported lazily: slow to import
+            self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (they will be recomputed, identically, after a resume)."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+        with open(self.path + '.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(self.path + '.tmp', self.path)
+
+    def write(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {'step': int(step), **{k: to_python(v) for k, v in record.items()}}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != 'step' and np.ndim(value) == 0:
+                    self.tb.add_scalar(key, value, step)
+                elif key == 'expert_load':
+                    for layer, load in enumerate(value):
+                        self.tb.add_histogram(f'expert_load/layer{layer}', np.asarray(load), step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Throughput:
+    """Tokens/s (and MFU where the chip's peak is known) over the steps since the last read.
+
+    The first step (compilation) and pauses for evaluation or checkpointing are excluded.
+    """
+
+    def __init__(self, flops_per_token: float):
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(jax.devices()[0])
+        self.start, self.tokens, self.steps = None, 0.0, 0
+
+    def step(self, tokens) -> None:
+        if self.start is None:
+            jax.block_until_ready(tokens)
+            self.pause()
+        else:
+            self.tokens += float(tokens)
+            self.steps += 1
+
+    def pause(self) -> None:
+        self.start, self.tokens, self.steps = time.time(), 0.0, 0
+
+    def read(self) -> dict:
+        elapsed = max(time.time() - (self.start or time.time()), 1e-9)
+        rate = self.tokens / elapsed if self.steps else 0.0
+        out = {'tokens_per_sec': rate}
+        if self.peak:
+            out['mfu'] = rate * self.flops_per_token / (self.peak * jax.device_count())
+        self.pause()
+        return out
+
+
+class Progress:
+    """One console line per logged step: loss, tokens/s, ETA and a routing summary."""
+
+    def __init__(self, num_steps: int, enabled: bool = True):
+        self.num_steps, self.enabled = num_steps, enabled
+        self.start = time.time()
+
+    def line(self, step: int, rec: dict, steps_done: int) -> str:
+        elapsed = time.time() - self.start
+        eta = elapsed / max(steps_done, 1) * (self.num_steps - step)
+        text = (f'step {step:>6}/{self.num_steps} | loss {rec["loss"]:.4f} | '
+                f'{rec["tokens_per_sec"]:,.0f} tok/s | ETA {_hms(eta)}')
+        if 'expert_load' in rec:
+            load = np.asarray(rec['expert_load'])
+            text += (f' | drop {100 * rec["dropped_fraction"]:.1f}% | '
+                     f'load max/mean {load.max(-1).mean() * load.shape[-1]:.2f}')
+        return text
+
+    def log(self, step, rec, steps_done):
+        if self.enabled:
+            print(self.line(step, rec, steps_done), flush=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s' if seconds >= 3600 \
+        else f'{seconds // 60}m{seconds % 60:02d}s'

@@ -1,0 +1,55 @@
+"""The MoE block: a router, a dispatch engine and E experts (plus optional shared experts).
+
+Tokens are routed within groups defined by the data (a sequence, or `moe.group_size`
+consecutive tokens), never by the device layout, so every mesh computes the same function.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import dispatch, layers, routing, sharding
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        m, e = cfg.model, cfg.moe
+        self.moe_cfg = e
+        self.router = routing.Router(m.d_model, e, rngs=rngs)
+        E, D, F = e.num_experts, m.d_model, m.d_ff
+        self.w_in_EDF = layers.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
+        self.w_gate_EDF = (layers.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
+                           if m.activation == 'swiglu' else None)
+        self.w_out_EFD = layers.param(rngs, (E, F, D), ('exp', 'mlp', 'embed'), F)
+        self.shared = (layers.MLP(D, F * e.num_shared_experts, m.activation, rngs=rngs)
+                       if e.num_shared_experts else None)
+
+    def expert_weights(self, dtype) -> dispatch.ExpertWeights:
+        w_gate = self.w_gate_EDF[...].astype(dtype) if self.w_gate_EDF is not None else None
+        return dispatch.ExpertWeights(self.w_in_EDF[...].astype(dtype), w_gate,
+                                      self.w_out_EFD[...].astype(dtype))
+
+    def __call__(self, x_BTD, segment_ids_BT, *, train: bool, rng=None):
+        """Returns y_BTD and this layer's routing statistics and (unweighted) losses."""
+        e = self.moe_cfg
+        B, T, D = x_BTD.shape
+        S = e.group_size or T
+        x_GSD = x_BTD.reshape(B * T // S, S, D)
+        mask_GS = (segment_ids_BT > 0).reshape(B * T // S, S)
+        route = self.router(x_GSD, mask_GS, train=train, rng=rng)
+        cf = e.capacity_factor if train else e.eval_capacity_factor
+        capacity = routing.capacity(S, e.num_experts, e.top_k, cf)
+        y_GSD, dropped = dispatch.dispatch_combine(
+            x_GSD, mask_GS, route, self.expert_weights(x_BTD.dtype),
+            engine=e.dispatch, capacity=capacity)
+        y_BTD = sharding.constrain(y_GSD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD)
+        stats = dict(route.losses, **route.stats, dropped_fraction=dropped)
+        return y_BTD, stats
+
+    def update_bias(self, expert_load_E) -> None:
+        """Loss-free balancing (DeepSeek-V3): nudge the selection bias toward uniform load."""
+        if self.moe_cfg.balance == 'bias':
+            bias = self.router.expert_bias
+            bias[...] = routing.updated_bias(bias[...], expert_load_E,
+                                              self.moe_cfg.bias_update_rate)

@@ -1,0 +1,73 @@
+"""Logical axis names -> mesh axes: one rules table, and shardings for whole pytrees.
+
+Parameters and key activations carry logical names ('exp', 'embed', 'mlp', ...). Only this
+module knows how those names map onto the mesh axes (data, fsdp, expert, tensor), so a layout
+change is a change of rules, never of model code.
+"""
+from typing import Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+# Parameter names first, then activation names (prefixed 'act_' where they differ from the
+# parameter they meet, so that e.g. a weight's 'embed' can be fsdp-sharded while the
+# activation's embed dim stays whole).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ('exp', 'expert'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('vocab', 'tensor'),
+    ('router', None),  # the router's expert dim: small, replicated
+    # activations
+    ('batch', ('data', 'fsdp', 'expert')),
+    ('length', None),
+    ('act_embed', None),
+    ('act_mlp', 'tensor'),
+    ('act_heads', 'tensor'),
+    ('act_vocab', 'tensor'),
+    # inside the MoE block, after dispatch: experts over 'expert', groups over the rest
+    ('act_exp', 'expert'),
+    ('expert_group', ('data', 'fsdp')),
+    ('capacity', None),
+)
+
+
+def logical_to_spec(logical: Sequence[str | None], rules=DEFAULT_RULES) -> P:
+    """PartitionSpec for a tuple of logical axis names; unknown names and None replicate."""
+    table = dict(rules)
+    return P(*(table.get(name) if name is not None else None for name in logical))
+
+
+def tree_specs(logical_tree, rules=DEFAULT_RULES):
+    """Map a pytree of logical PartitionSpecs (as nnx.get_partition_spec gives) to mesh specs."""
+    return jax.tree.map(lambda spec: logical_to_spec(tuple(spec), rules), logical_tree,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def tree_shardings(mesh, logical_tree, rules=DEFAULT_RULES):
+    """NamedShardings on `mesh` for a pytree of logical PartitionSpecs."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(logical_tree, rules),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh context (one device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = logical_to_spec(logical, rules)
+    # Drop mesh axes the current mesh lacks or has at size 1, so one rules table fits every mesh.
+    names = set(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    def keep(entry):
+        if entry is None:
+            return None
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a in names)
+        return axes or None
+    return jax.lax.with_sharding_constraint(x, P(*(keep(e) for e in spec)))

@@ -1,0 +1,380 @@
+"""Training: state initialised straight into its shardings, a pure train_step, and the loop.
+
+The loop reads in phases: setup (mesh, data, abstract model, shardings) -> state (restore or
+init) -> steps (train, log, evaluate, checkpoint) -> finish. Everything random derives from
+(seed, step) and the data position is the step, so a resumed run repeats the uninterrupted
+run bit for bit.
+"""
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moejax import checkpoint as checkpoint_lib
+from moejax import config as config_lib
+from moejax import data as data_lib
+from moejax import evaluate as evaluate_lib
+from moejax import mesh as mesh_lib
+from moejax import metrics as metrics_lib
+from moejax import model as model_lib
+from moejax import optim, sharding
+from moejax.errors import ConfigError
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar: steps taken = batches consumed
+    params: nnx.State        # trainable parameters (nnx.Param)
+    extra: nnx.State         # other model state (the bias of loss-free balancing)
+    opt_state: optax.OptState
+    rng: jax.Array           # raw key data; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What is fixed for a run: the model's structure, the optimizer, and shardings."""
+    cfg: object
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract_state: TrainState      # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+
+
+def new_state(cfg, tx, seed) -> tuple[nnx.GraphDef, TrainState]:
+    """A freshly initialised model and optimizer, as (graphdef, state)."""
+    key = jax.random.key(seed)
+    model = model_lib.Transformer(cfg, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+    rng = jax.random.key_data(jax.random.fold_in(key, 1))
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params), rng)
+
+
+def make_setup(cfg, mesh) -> Setup:
+    """Trace the model abstractly (nothing allocated) and derive every sharding from it."""
+    tx = optim.make_optimizer(cfg.opt, cfg.train.num_steps)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
+    abstract = jax.eval_shape(lambda: new_state(cfg, tx, 0)[1])
+    shardings = state_shardings(mesh, tx, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(('batch', 'length')))
+    return Setup(cfg, mesh, graphdef, tx, abstract, shardings, batch_sharding)
+
+
+def state_shardings(mesh, tx, abstract: TrainState) -> TrainState:
+    """Params by their logical names; optimizer moments like their params; the rest replicated."""
+    param_specs = sharding.tree_specs(nnx.get_partition_spec(abstract.params))
+    is_spec = lambda x: isinstance(x, P)
+    # Factored (Adafactor) statistics have fewer dims than their param: replicate those.
+    fit = lambda leaf, spec: spec if len(spec) == len(leaf.shape) else P()
+    opt_specs = optax.tree_map_params(tx, fit, abstract.opt_state, param_specs,
+                                      transform_non_params=lambda _: P(), is_leaf=is_spec)
+    specs = TrainState(P(), param_specs, jax.tree.map(lambda _: P(), abstract.extra),
+                       opt_specs, P())
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+
+
+def init_state(setup: Setup, seed: int) -> TrainState:
+    """Initialise parameters directly into their shardings (no full copy on any device)."""
+    init = lambda seed: new_state(setup.cfg, setup.tx, seed)[1]
+    with jax.set_mesh(setup.mesh):
+        return jax.jit(init, out_shardings=setup.state_shardings)(seed)
+
+
+def loss_and_metrics(logits_BTV, batch, stats, moe_cfg, num_tokens):
+    """Token-summed NLL / num_tokens plus the weighted balance and z losses."""
+    weights_BT = (batch['segment_ids'] > 0).astype(jnp.float32)
+    nll = jnp.sum(evaluate_lib.token_nll(logits_BTV, batch['targets']) * weights_BT)
+    ce = nll / num_tokens
+    aux = jnp.sum(stats['aux_loss']) if stats else 0.0
+    z = jnp.sum(stats['z_loss']) if stats else 0.0
+    loss = ce + moe_cfg.aux_loss_weight * aux + moe_cfg.z_loss_weight * z
+    return loss, {'ce_loss': ce, 'aux_loss': aux, 'z_loss': z}
+
+
+def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, num_micro):
+    """Gradients of one micro-batch; CE is summed over tokens so micro-batches add up exactly."""
+    def loss_fn(params):
+        model = nnx.merge(setup.graphdef, params, state.extra)
+        logits, stats = model(batch['inputs'], batch['segment_ids'], batch['positions'],
+                              train=True, rng=rng)
+        loss, parts = loss_and_metrics(logits, batch, stats, setup.cfg.moe, num_tokens)
+        # Balance/z losses are means over groups: average them over micro-batches.
+        extra_loss = loss - parts['ce_loss']
+        return parts['ce_loss'] + extra_loss / num_micro, (parts, stats)
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+
+def train_step(setup: Setup, state: TrainState, batch):
+    """One optimizer step over the global batch (split into opt.grad_accum micro-batches)."""
+    num_micro = setup.cfg.opt.grad_accum
+    num_tokens = jnp.maximum(jnp.sum(batch['segment_ids'] > 0), 1).astype(jnp.float32)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if num_micro == 1:
+        grads, (parts, stats) = micro_grads(setup, state, batch, rng, num_tokens, 1)
+        return apply_gradients(setup, state, grads, parts, stats, num_tokens)
+
+    micro = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
+    grad_fn = lambda i: micro_grads(setup, state, jax.tree.map(lambda x: x[i], micro),
+                                    jax.random.fold_in(rng, i), num_tokens, num_micro)
+    accumulate = lambda total, i: (jax.tree.map(jnp.add, total, grad_fn(i)), None)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, 0))
+    (grads, (parts, stats)), _ = jax.lax.scan(accumulate, zeros, jnp.arange(num_micro))
+    # CE was normalised by the whole batch's tokens (sums exactly); the rest are averages.
+    mean = lambda x: x / num_micro
+    parts = dict(parts, aux_loss=mean(parts['aux_loss']), z_loss=mean(parts['z_loss']))
+    return apply_gradients(setup, state, grads, parts, jax.tree.map(mean, stats), num_tokens)
+
+
+def apply_gradients(setup, state, grads, parts, stats, num_tokens):
+    """Optimizer update, skipped (and counted) when the loss or a gradient is not finite."""
+    cfg = setup.cfg
+    grad_norm = optax.global_norm(grads)
+    loss = parts['ce_loss'] + cfg.moe.aux_loss_weight * parts['aux_loss'] \
+        + cfg.moe.z_loss_weight * parts['z_loss']
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    extra = update_balance_bias(setup, state, stats) if stats else state.extra
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state),
+                              extra=keep(extra, state.extra))
+    metrics = dict(parts, loss=loss, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32),
+                   tokens=num_tokens, lr=optim.schedule(cfg.opt, cfg.train.num_steps)(state.step))
+    if stats:
+        metrics.update(expert_load=stats['expert_load'],
+                       dropped_fraction=jnp.mean(stats['dropped_fraction']),
+                       router_entropy=jnp.mean(stats['router_entropy']),
+                       top1_prob=jnp.mean(stats['top1_prob']))
+    return new_state, metrics
+
+
+def update_balance_bias(setup, state, stats):
+    """Loss-free balancing: each MoE layer's selection bias moves toward uniform load."""
+    if setup.cfg.moe.balance != 'bias':
+        return state.extra
+    model = nnx.merge(setup.graphdef, state.params, state.extra)
+    for layer, block in enumerate(model.moe_blocks()):
+        block.update_bias(stats['expert_load'][layer])
+    return nnx.split(model, nnx.Param, ...)[2]
+
+
+def compile_steps(setup: Setup):
+    """The jitted train and eval steps, with shardings pinned and the train state donated."""
+    train = jax.jit(functools.partial(train_step, setup),
+                    in_shardings=(setup.state_shardings, setup.batch_sharding),
+                    out_shardings=(setup.state_shardings, None), donate_argnums=0)
+    s = setup.state_shardings
+    evaluate = jax.jit(functools.partial(evaluate_lib.eval_step, setup.graphdef),
+                       in_shardings=(s.params, s.extra, setup.batch_sharding, None))
+    return train, evaluate
+
+
+def global_batch(setup: Setup, host_batch: dict) -> dict:
+    """Assemble the global batch from each process's rows (no data crosses hosts)."""
+    return {k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(v))
+            for k, v in host_batch.items()}
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and exit after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Every process must stop at the same step: stop if any one was signalled."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flags = multihost_utils.process_allgather(np.int32(self.requested))
+            self.requested = bool(np.any(flags))
+        return self.requested
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once in the setup phase."""
+    setup: Setup
+    tokenizer: object
+    train_step: object
+    eval_step: object
+    eval_batches: list
+    byte_lengths: jax.Array
+    checkpointer: checkpoint_lib.Checkpointer
+    writer: metrics_lib.MetricWriter
+
+
+def prepare(cfg, workdir: str, *, for_training: bool = True) -> Run:
+    """Validate, then build mesh, tokenizer, data and compiled steps (the setup phase)."""
+    config_lib.validate(cfg, jax.device_count())
+    config_lib.check_workdir(workdir)
+    data_lib.check_data(cfg)
+    chief = jax.process_index() == 0
+    tokenizer = shared_tokenizer(cfg, workdir)
+    if chief and for_training:
+        config_lib.save_json(cfg, workdir)
+    setup = make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    train_fn, eval_fn = compile_steps(setup)
+    byte_lengths = np.zeros(cfg.data.vocab_size, np.float32)
+    byte_lengths[:tokenizer.vocab_size] = tokenizer.byte_lengths()
+    return Run(setup, tokenizer, train_fn, eval_fn, [], jnp.asarray(byte_lengths),
+               checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints),
+               metrics_lib.MetricWriter(workdir, enabled=chief and for_training))
+
+
+def shared_tokenizer(cfg, workdir):
+    """Process 0 makes (or loads) the tokenizer first; the others then load the same one."""
+    if jax.process_count() == 1:
+        return data_lib.get_tokenizer(cfg, workdir)
+    from jax.experimental import multihost_utils
+    tokenizer = data_lib.get_tokenizer(cfg, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices('moejax_tokenizer')
+    return tokenizer or data_lib.get_tokenizer(cfg, workdir)
+
+
+def load_eval_batches(run: Run, split: str) -> list:
+    cfg = run.setup.cfg
+    host = data_lib.eval_batches(cfg, run.tokenizer, split, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    return [global_batch(run.setup, host[i]) for i in range(len(host))]
+
+
+def run_eval(run: Run, state: TrainState, batches=None) -> dict:
+    batches = run.eval_batches if batches is None else batches
+    return evaluate_lib.evaluate(run.eval_step, state.params, state.extra, batches,
+                                 run.byte_lengths)
+
+
+def restore_or_init(run: Run) -> TrainState:
+    """The state phase: the newest restorable checkpoint, or a fresh initialisation."""
+    restored = run.checkpointer.restore(run.setup.abstract_state)
+    if restored is None:
+        return init_state(run.setup, run.setup.cfg.train.seed)
+    state, data_state, step = restored
+    if data_state.get('next_batch') != int(state.step):
+        raise RuntimeError(f'checkpoint {step}: data position {data_state} != step {state.step}')
+    print(f'Resumed from checkpoint at step {step}.', flush=True)
+    return state
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+    """Train to cfg.train.num_steps (resuming if checkpoints exist); returns the last metrics."""
+    # Setup: everything below fails fast, before data is read or anything compiles.
+    run = prepare(cfg, workdir)
+    t = cfg.train
+    train_data = data_lib.train_batches(cfg, run.tokenizer, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    run.eval_batches = load_eval_batches(run, 'validation')
+    # State.
+    state = restore_or_init(run)
+    start = int(state.step)
+    run.writer.truncate_after(start)
+    meter = metrics_lib.Throughput(model_lib.flops_per_token(cfg))
+    progress = metrics_lib.Progress(t.num_steps, enabled=jax.process_index() == 0)
+    stop, skips, last = StopSignal(), SkipCounter(t.max_skipped_steps), {'step': start}
+    # Steps.
+    try:
+        for step in range(start, t.num_steps):
+            state, metrics = run.train_step(state, global_batch(run.setup, train_data[step]))
+            done = step + 1
+            skips.update(int(metrics['skipped']), done)
+            meter.step(metrics['tokens'])
+            if done % t.log_every == 0 or done == t.num_steps:
+                rec = dict(jax.device_get(metrics), **meter.read(), skipped_steps=skips.total)
+                run.writer.write(done, rec)
+                progress.log(done, rec, done - start)
+                last = {'step': done, **rec}
+            if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+                last.update(log_eval(run, state, done))
+                meter.pause()
+            if done % t.checkpoint_every == 0 or stop.agreed():
+                run.checkpointer.save(done, state, {'next_batch': done})
+                meter.pause()
+            if stop.requested:
+                print(f'Stop requested: saved step {done}; exiting.', flush=True)
+                return last
+        # Finish: a final evaluation and checkpoint (skipped if there was nothing to do).
+        done = int(state.step)
+        if done > start or not run.checkpointer.steps():
+            last.update(log_eval(run, state, done))
+            run.checkpointer.save(done, state, {'next_batch': done})
+        return last
+    finally:
+        stop.restore()
+        run.checkpointer.close()
+        run.writer.close()
+
+
+class SkipCounter:
+    """Counts non-finite steps; too many in a row stops the run (the last checkpoint stays)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def update(self, skipped: int, step: int) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        self.total += skipped
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f'{self.in_a_row} steps in a row had a non-finite loss or gradient '
+                f'(train.max_skipped_steps={self.limit}); stopped at step {step}, the last '
+                f'checkpoint is intact. Try a lower opt.lr or opt.clip_norm.')
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def log_eval(run: Run, state: TrainState, step: int) -> dict:
+    result = run_eval(run, state)
+    rec = {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
+           'eval_bits_per_byte': result['bits_per_byte']}
+    run.writer.write(step, rec)
+    if jax.process_index() == 0:
+        print(f'eval at step {step}: loss {result["loss"]:.4f} | perplexity '
+              f'{result["perplexity"]:.2f} | bits/byte {result["bits_per_byte"]:.4f}', flush=True)
+    return rec
+
+
+def evaluate_checkpoint(cfg, workdir: str, split: str, step: int | None = None) -> dict:
+    """Evaluate a saved step (default: the latest) on `split`; write eval_<split>_<step>.json."""
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+        raise ConfigError('--workdir', workdir, 'holds no checkpoints/ to evaluate; train first')
+    run = prepare(cfg, workdir, for_training=False)
+    steps = run.checkpointer.steps()
+    if step is not None and step not in steps:
+        raise ConfigError('--step', step, f'no such checkpoint; saved steps: {steps}')
+    restored = run.checkpointer.restore(run.setup.abstract_state, step)
+    if restored is None:
+        raise ConfigError('--workdir', workdir, 'holds no restorable checkpoint')
+    state, _, saved_step = restored
+    result = run_eval(run, state, load_eval_batches(run, split))
+    result = {'step': saved_step, 'split': split, **result}
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, f'eval_{split}_{saved_step}.json')
+        with open(path + '.tmp', 'w') as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + '.tmp', path)
+    run.checkpointer.close()
+    return result

@@ -1,0 +1,28 @@
+"""Small shared helpers for the tests: tiny configs and running the command line."""
+import os
+import subprocess
+import sys
+
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_KEYS = ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'max_len', 'dtype',
+              'moe_every', 'activation')
+
+
+def tiny_config(**overrides):
+    """configs/default.py:tiny, with flat overrides routed to model.* or moe.* by name."""
+    cfg = default.get_config('tiny')
+    for key, value in overrides.items():
+        group = cfg.model if key in MODEL_KEYS else cfg.moe
+        setattr(group, key, value)
+    return cfg
+
+
+def run_cli(script: str, *args, env=None, timeout=600):
+    """Run launch/<script>.py in a fresh process with 8 CPU devices; returns CompletedProcess."""
+    full_env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+                    XLA_FLAGS='--xla_force_host_platform_device_count=8', **(env or {}))
+    cmd = [sys.executable, os.path.join(REPO, 'launch', f'{script}.py'), *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)

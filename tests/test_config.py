@@ -1,0 +1,68 @@
+"""Config validation: each bad value is caught before compiling, naming the key."""
+import pytest
+
+from moejax import config as config_lib
+from moejax.errors import ConfigError
+from tests.helpers import tiny_config
+
+BAD = [
+    ('moe.router', 'topk', 'allowed: top_k, noisy_top_k, expert_choice, soft'),
+    ('moe.dispatch', 'magic', 'allowed: einsum, sort, dropless'),
+    ('moe.balance', 'loss', 'allowed: aux_loss, bias, none'),
+    ('model.dtype', 'float16', 'allowed: float32, bfloat16'),
+    ('opt.name', 'sgd', 'allowed: adamw, adafactor'),
+    ('model.num_layers', 0, 'integer >= 1'),
+    ('moe.capacity_factor', -1.0, '> 0'),
+    ('model.num_heads', 3, 'must divide by model.num_heads=3'),  # reported on model.d_model
+    ('moe.top_k', 9, '<= moe.num_experts'),
+    ('model.max_len', 8, '>= data.seq_len'),
+    ('moe.jitter', 1.5, '[0, 1)'),
+    ('opt.grad_accum', 3, 'divide data.batch_size'),
+]
+
+
+@pytest.mark.parametrize('key,value,message', BAD)
+def test_bad_value_names_key_and_remedy(key, value, message):
+    cfg = tiny_config()
+    group, name = key.split('.')
+    setattr(cfg[group], name, value)
+    with pytest.raises(ConfigError) as err:
+        config_lib.validate(cfg, num_devices=8)
+    assert err.value.key == ('model.d_model' if key == 'model.num_heads' else key)
+    text = str(err.value)
+    assert '\n' not in text and message in text
+
+
+@pytest.mark.parametrize('mesh,key', [
+    (dict(data=3), 'mesh'),                    # 3 x 1 x 1 x 1 != 8 devices
+    (dict(data=-1, expert=-1), 'mesh.expert'),  # two free axes
+    (dict(data=1, expert=8), 'moe.num_experts'),  # 4 experts over 8 expert shards
+    (dict(data=-1, tensor=8), 'model.num_heads'),
+])
+def test_bad_mesh(mesh, key):
+    cfg = tiny_config()
+    cfg.mesh.update(mesh)
+    with pytest.raises(ConfigError) as err:
+        config_lib.validate(cfg, num_devices=8)
+    assert err.value.key == key
+
+
+def test_batch_must_divide_by_data_parallel_size():
+    cfg = tiny_config()
+    cfg.data.batch_size = 4  # 8 data-parallel devices
+    with pytest.raises(ConfigError, match='data.batch_size'):
+        config_lib.validate(cfg, num_devices=8)
+
+
+def test_mesh_shape_resolves_the_free_axis():
+    cfg = tiny_config()
+    cfg.mesh.update(data=-1, expert=4)
+    assert config_lib.mesh_shape(cfg.mesh, 8) == dict(data=2, fsdp=1, expert=4, tensor=1)
+    config_lib.validate(cfg, num_devices=8)
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / 'file'
+    path.write_text('x')
+    with pytest.raises(ConfigError, match='not a directory'):
+        config_lib.check_workdir(str(path))
