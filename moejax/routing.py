@@ -1,0 +1,248 @@
+"""Routers: which experts see which tokens, with what weight, and the balance losses.
+
+Token-choice routers (top-k: Switch k=1, GShard k=2; noisy top-k: Shazeer et al. 2017) give
+each token its k preferred experts; expert choice (Zhou et al. 2022) gives each expert its C
+preferred tokens; soft routing weights every expert for every token. Everything here is float32.
+Tokens are grouped (x_GSD) and mask_GS marks real tokens: padding is never routed and is left out
+of every loss and statistic.
+"""
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROUTERS = ('top_k', 'noisy_top_k', 'expert_choice', 'soft')
+BALANCES = ('aux_loss', 'bias', 'none')
+
+
+class Routing(NamedTuple):
+    """Where tokens go. Token-choice routers fill expert_GSK/gate_GSK; expert choice fills
+    token_GEC/gate_GEC; soft fills gate_GSE (probabilities for every expert)."""
+    expert_GSK: jax.Array | None  # int32, choices ordered by preference (k=0 best)
+    gate_GSK: jax.Array | None  # float32 combine weights; 0 for masked tokens
+    token_GEC: jax.Array | None  # int32 index in [0, S) of the token in slot c of expert e
+    gate_GEC: jax.Array | None  # float32; 0 for empty/masked slots
+    gate_GSE: jax.Array | None  # soft routing weights; 0 for masked tokens
+    losses: dict[str, jax.Array]  # scalars 'aux_loss' (unweighted; 0 if unused), 'z_loss'
+    stats: dict[str, jax.Array]  # 'expert_load' [E], 'router_entropy', 'top1_prob'
+
+
+class ExpertBias(nnx.Variable):
+    """Per-expert selection bias for auxiliary-loss-free balancing: state, not trained by grads."""
+
+
+def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Expert slots per group: ceil(S * k * factor / E), at least 1 (GShard), at most S.
+
+    At most S because a token's k choices are distinct experts, so no expert can receive more
+    than S assignments from a group; hence a capacity_factor <= 0 ('no drops') gives S.
+    """
+    if capacity_factor <= 0:
+        return group_size
+    slots = group_size * top_k * capacity_factor / num_experts
+    return int(min(group_size, max(1, math.ceil(round(slots, 6)))))
+
+
+def updated_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
+    """DeepSeek-V3 bias update: raise the bias of under-loaded experts, lower over-loaded ones."""
+    return bias_E + rate * jnp.sign(jnp.mean(expert_load_E) - expert_load_E)
+
+
+def _real_mean(value_GS: jax.Array, mask_GS: jax.Array) -> jax.Array:
+    """Mean of a per-token value over real tokens (0 when there are none)."""
+    m = mask_GS.astype(jnp.float32)
+    return jnp.sum(value_GS * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _group_mean(loss_G: jax.Array, mask_GS: jax.Array) -> jax.Array:
+    """Mean of a per-group loss over the groups that hold at least one real token."""
+    has_real_G = jnp.any(mask_GS, axis=-1).astype(jnp.float32)
+    return jnp.sum(loss_G * has_real_G) / jnp.maximum(jnp.sum(has_real_G), 1.0)
+
+
+def z_loss(logits_GSE: jax.Array, mask_GS: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2; keeps logits small."""
+    return _real_mean(jax.nn.logsumexp(logits_GSE, axis=-1) ** 2, mask_GS)
+
+
+def _prob_stats(probs_GSE: jax.Array, mask_GS: jax.Array, load_E: jax.Array) -> dict:
+    """Router statistics over real tokens: load per expert, mean entropy, mean top-1 prob."""
+    entropy_GS = jnp.sum(jax.scipy.special.entr(probs_GSE), axis=-1)
+    return {'expert_load': load_E,
+            'router_entropy': _real_mean(entropy_GS, mask_GS),
+            'top1_prob': _real_mean(jnp.max(probs_GSE, axis=-1), mask_GS)}
+
+
+def _assignment_load(expert_GSK: jax.Array, mask_GS: jax.Array, num_experts: int) -> jax.Array:
+    """Fraction of real (token, choice) assignments per expert, before capacity (sums to 1)."""
+    onehot_GSKE = jax.nn.one_hot(expert_GSK, num_experts) * mask_GS[..., None, None]
+    counts_E = jnp.sum(onehot_GSKE, axis=(0, 1, 2))
+    return counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
+
+
+def load_balancing_loss(probs_GSE, expert_GSK, mask_GS) -> jax.Array:
+    """Switch/GShard aux loss: mean over groups of E * sum_e f_e * P_e.
+
+    Per group, over its real tokens: f_e = (number of (token, choice) assignments to e) / (k * n)
+    (for k=1 the fraction of tokens whose top-1 is e, as in Switch) and P_e = mean router prob
+    of e. Uniform routing gives 1. Groups without real tokens are left out of the mean.
+    """
+    num_experts, k = probs_GSE.shape[-1], expert_GSK.shape[-1]
+    m_GS = mask_GS.astype(jnp.float32)
+    n_G = jnp.maximum(jnp.sum(m_GS, axis=-1), 1.0)
+    onehot_GSE = jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=2) * m_GS[..., None]
+    f_GE = jnp.sum(onehot_GSE, axis=1) / (k * n_G[:, None])
+    p_GE = jnp.sum(probs_GSE * m_GS[..., None], axis=1) / n_G[:, None]
+    return _group_mean(num_experts * jnp.sum(f_GE * p_GE, axis=-1), mask_GS)
+
+
+def top_k_routing(logits_GSE, mask_GS, top_k: int, *, balance: str = 'aux_loss',
+                  bias_E: jax.Array | None = None) -> Routing:
+    """Switch (k=1) / GShard (k>1) routing: each token picks its top-k experts by softmax prob.
+
+    bias_E (DeepSeek-V3) shifts only the selection, never the gate. Gates are the chosen probs
+    for k=1 and the chosen probs renormalised to sum to 1 for k>1.
+    """
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    scores_GSE = probs_GSE if bias_E is None else probs_GSE + bias_E
+    _, expert_GSK = jax.lax.top_k(scores_GSE, top_k)
+    gate_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
+    if top_k > 1:
+        gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
+    gate_GSK = gate_GSK * mask_GS[..., None]
+    aux = (load_balancing_loss(probs_GSE, expert_GSK, mask_GS) if balance == 'aux_loss'
+           else jnp.zeros((), jnp.float32))
+    load_E = _assignment_load(expert_GSK, mask_GS, logits_GSE.shape[-1])
+    return Routing(expert_GSK.astype(jnp.int32), gate_GSK, None, None, None,
+                   {'aux_loss': aux, 'z_loss': z_loss(logits_GSE, mask_GS)},
+                   _prob_stats(probs_GSE, mask_GS, load_E))
+
+
+def _cv_squared(x_GE: jax.Array) -> jax.Array:
+    """Squared coefficient of variation across experts, per group (Shazeer et al. 2017)."""
+    mean_G = jnp.mean(x_GE, axis=-1)
+    return jnp.var(x_GE, axis=-1) / (mean_G ** 2 + 1e-10)
+
+
+def noisy_top_k_loss(clean_GSE, noisy_GSE, noise_std_GSE, gates_GSE, mask_GS, top_k):
+    """Importance loss CV^2(sum of gates) + load loss CV^2(smooth load), over groups' real tokens.
+
+    The smooth load of expert i is sum over tokens of P(i kept) = Phi((clean_i - threshold_i) /
+    noise_std_i), threshold_i = k-th largest noisy logit among the other experts.
+    """
+    m_GS1 = mask_GS.astype(jnp.float32)[..., None]
+    pad_GS1 = jnp.full(noisy_GSE.shape[:-1] + (1,), -jnp.inf, noisy_GSE.dtype)
+    top_GSK1, _ = jax.lax.top_k(jnp.concatenate([noisy_GSE, pad_GS1], axis=-1), top_k + 1)
+    kth_GS1, next_GS1 = top_GSK1[..., top_k - 1:top_k], top_GSK1[..., top_k:]
+    threshold_GSE = jnp.where(noisy_GSE >= kth_GS1, next_GS1, kth_GS1)
+    prob_kept_GSE = jax.scipy.stats.norm.cdf((clean_GSE - threshold_GSE) / noise_std_GSE)
+    importance_GE = jnp.sum(gates_GSE * m_GS1, axis=1)
+    load_GE = jnp.sum(prob_kept_GSE * m_GS1, axis=1)
+    return _group_mean(_cv_squared(importance_GE) + _cv_squared(load_GE), mask_GS)
+
+
+def noisy_top_k_routing(clean_GSE, noise_std_GSE, eps_GSE, mask_GS, top_k: int, *,
+                        balance: str = 'aux_loss') -> Routing:
+    """Noisy top-k gating (Shazeer et al. 2017): H = clean + eps * noise_std; keep H's top-k.
+
+    Gates are the softmax over the k kept noisy logits. eps_GSE=None means no noise (eval).
+    Stats and z-loss use the clean logits.
+    """
+    noisy_GSE = clean_GSE if eps_GSE is None else clean_GSE + eps_GSE * noise_std_GSE
+    top_GSK, expert_GSK = jax.lax.top_k(noisy_GSE, top_k)
+    gate_GSK = jax.nn.softmax(top_GSK, axis=-1) * mask_GS[..., None]
+    num_experts = clean_GSE.shape[-1]
+    if balance == 'aux_loss':
+        gates_GSE = jnp.sum(jax.nn.one_hot(expert_GSK, num_experts) * gate_GSK[..., None], 2)
+        aux = noisy_top_k_loss(clean_GSE, noisy_GSE, noise_std_GSE, gates_GSE, mask_GS, top_k)
+    else:
+        aux = jnp.zeros((), jnp.float32)
+    load_E = _assignment_load(expert_GSK, mask_GS, num_experts)
+    probs_GSE = jax.nn.softmax(clean_GSE, axis=-1)
+    return Routing(expert_GSK.astype(jnp.int32), gate_GSK, None, None, None,
+                   {'aux_loss': aux, 'z_loss': z_loss(clean_GSE, mask_GS)},
+                   _prob_stats(probs_GSE, mask_GS, load_E))
+
+
+def expert_choice_routing(logits_GSE, mask_GS, capacity_per_expert: int) -> Routing:
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax prob.
+
+    Padding tokens get selection score -1 so they are picked only when C exceeds the real
+    tokens, and then with gate 0. C is clipped to S. No balance loss is needed (aux_loss 0).
+    """
+    num_tokens = logits_GSE.shape[1]
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    probs_GES = jnp.swapaxes(probs_GSE, 1, 2)
+    select_GES = jnp.where(mask_GS[:, None, :], probs_GES, -1.0)
+    _, token_GEC = jax.lax.top_k(select_GES, min(capacity_per_expert, num_tokens))
+    real_GEC = jnp.take_along_axis(mask_GS[:, None, :], token_GEC, axis=-1)
+    gate_GEC = jnp.take_along_axis(probs_GES, token_GEC, axis=-1) * real_GEC
+    counts_E = jnp.sum(real_GEC, axis=(0, 2)).astype(jnp.float32)
+    load_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
+    return Routing(None, None, token_GEC.astype(jnp.int32), gate_GEC, None,
+                   {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': z_loss(logits_GSE, mask_GS)},
+                   _prob_stats(probs_GSE, mask_GS, load_E))
+
+
+def soft_routing(logits_GSE, mask_GS) -> Routing:
+    """Soft (dense) mixture: every expert sees every real token, weighted by its softmax prob.
+
+    expert_load is the mean prob per expert over real tokens (the soft assignment).
+    """
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    gate_GSE = probs_GSE * mask_GS[..., None]
+    m = mask_GS.astype(jnp.float32)
+    load_E = jnp.sum(gate_GSE, axis=(0, 1)) / jnp.maximum(jnp.sum(m), 1.0)
+    return Routing(None, None, None, None, gate_GSE,
+                   {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': z_loss(logits_GSE, mask_GS)},
+                   _prob_stats(probs_GSE, mask_GS, load_E))
+
+
+class Router(nnx.Module):
+    """Linear float32 router over the model dim, dispatching to the configured routing rule."""
+
+    def __init__(self, d_model: int, moe_cfg, *, rngs: nnx.Rngs):
+        if moe_cfg.router not in ROUTERS or moe_cfg.balance not in BALANCES:
+            raise ValueError(f'router={moe_cfg.router!r} / balance={moe_cfg.balance!r}: '
+                             f'allowed {ROUTERS} / {BALANCES}')
+        self.num_experts, self.kind, self.top_k = moe_cfg.num_experts, moe_cfg.router, moe_cfg.top_k
+        self.capacity_factor = float(moe_cfg.capacity_factor)
+        self.eval_capacity_factor = float(moe_cfg.eval_capacity_factor)
+        self.balance, self.jitter = moe_cfg.balance, float(moe_cfg.jitter)
+        init = nnx.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal')
+        shape_DE = (d_model, self.num_experts)
+        self.w_DE = nnx.Param(init(rngs.params(), shape_DE, jnp.float32),
+                              out_sharding=('embed', 'router'))
+        if self.kind == 'noisy_top_k':  # zero init as in the paper: noise std softplus(0)
+            self.w_noise_DE = nnx.Param(jnp.zeros(shape_DE, jnp.float32),
+                                        out_sharding=('embed', 'router'))
+        self.expert_bias = ExpertBias(jnp.zeros((self.num_experts,), jnp.float32))
+
+    def __call__(self, x_GSD, mask_GS, *, train: bool, rng: jax.Array | None) -> Routing:
+        """Route grouped tokens; noise (jitter, noisy top-k) only when train and rng is given."""
+        x_GSD = x_GSD.astype(jnp.float32)
+        if mask_GS is None:
+            mask_GS = jnp.ones(x_GSD.shape[:2], bool)
+        noisy = train and rng is not None
+        if noisy:
+            jitter_rng, noise_rng = jax.random.split(rng)
+        if noisy and self.jitter > 0:
+            x_GSD = x_GSD * jax.random.uniform(jitter_rng, x_GSD.shape, jnp.float32,
+                                               1.0 - self.jitter, 1.0 + self.jitter)
+        logits_GSE = jnp.einsum('gsd,de->gse', x_GSD, self.w_DE[...])
+        if self.kind == 'top_k':
+            bias_E = self.expert_bias[...] if self.balance == 'bias' else None
+            return top_k_routing(logits_GSE, mask_GS, self.top_k, balance=self.balance,
+                                 bias_E=bias_E)
+        if self.kind == 'noisy_top_k':
+            noise_std_GSE = jax.nn.softplus(jnp.einsum('gsd,de->gse', x_GSD, self.w_noise_DE[...]))
+            eps_GSE = jax.random.normal(noise_rng, logits_GSE.shape) if noisy else None
+            return noisy_top_k_routing(logits_GSE, noise_std_GSE, eps_GSE, mask_GS, self.top_k,
+                                       balance=self.balance)
+        if self.kind == 'expert_choice':
+            factor = self.capacity_factor if train else self.eval_capacity_factor
+            slots = capacity(x_GSD.shape[1], self.num_experts, self.top_k, factor)
+            return expert_choice_routing(logits_GSE, mask_GS, slots)
+        return soft_routing(logits_GSE, mask_GS)

@@ -1,0 +1,238 @@
+"""Dispatch engines against a NumPy loop reference of capacity dispatch, and against each other."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import dispatch as D
+from moejax.routing import Routing, expert_choice_routing
+
+nnx.use_eager_sharding(False)
+
+ENGINES = ('einsum', 'sort', 'dropless')
+G, S, DM, E, F = 2, 8, 4, 4, 6
+
+
+def np_gelu(v):
+    return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+
+
+def np_expert(w, e, x_D):
+    """One expert's FFN on one token, float64."""
+    w_in, w_gate, w_out = (None if a is None else np.asarray(a, np.float64)[e] for a in w)
+    h = x_D @ w_in
+    if w_gate is None:
+        h = np_gelu(h)
+    else:
+        h = h / (1.0 + np.exp(-h)) * (x_D @ w_gate)
+    return h @ w_out
+
+
+def np_capacity_reference(x, mask, expert, gate, w, cap):
+    """Per group: walk choices k-major, then tokens, giving each expert its first `cap` pairs."""
+    g_, s_, k_ = expert.shape
+    x = np.asarray(x, np.float64)
+    y, kept = np.zeros(x.shape), np.zeros(expert.shape, bool)
+    for g in range(g_):
+        fill = [0] * w[0].shape[0]
+        for k in range(k_):
+            for s in range(s_):
+                e = expert[g, s, k]
+                if mask[g, s] and fill[e] < cap:
+                    fill[e] += 1
+                    kept[g, s, k] = True
+                    y[g, s] += gate[g, s, k] * np_expert(w, e, x[g, s])
+    return y, kept, 1.0 - kept.sum() / (mask.sum() * k_)
+
+
+def make_weights(seed, swiglu, num_experts=E, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    w_in = jax.random.normal(ks[0], (num_experts, DM, F), dtype) / math.sqrt(DM)
+    w_gate = jax.random.normal(ks[1], (num_experts, DM, F), dtype) / math.sqrt(DM)
+    w_out = jax.random.normal(ks[2], (num_experts, F, DM), dtype) / math.sqrt(F)
+    return D.ExpertWeights(w_in, w_gate if swiglu else None, w_out)
+
+
+def make_token_choice(seed, k, skew=True):
+    """Random x, mask with padding, distinct expert choices per token (skewed to expert 0)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(G, S, DM)).astype(np.float32)
+    mask = np.ones((G, S), bool)
+    mask[0, 2] = mask[1, 6:] = False
+    p = np.array([0.55, 0.25, 0.1, 0.1]) if skew else np.full(E, 0.25)
+    expert = np.stack([np.stack([rng.choice(E, k, replace=False, p=p) for _ in range(S)])
+                       for _ in range(G)]).astype(np.int32)
+    gate = rng.uniform(0.1, 1.0, size=(G, S, k)).astype(np.float32) * mask[..., None]
+    return x, mask, expert, gate
+
+
+def token_routing(expert, gate):
+    return Routing(jnp.asarray(expert), jnp.asarray(gate), None, None, None, {}, {})
+
+
+@functools.partial(jax.jit, static_argnames=('engine', 'capacity'))
+def run(x, mask, routing, w, *, engine, capacity):
+    return D.dispatch_combine(x, mask, routing, w, engine=engine, capacity=capacity)
+
+
+@pytest.mark.parametrize('engine', ['einsum', 'sort'])
+@pytest.mark.parametrize('k', [1, 2])
+@pytest.mark.parametrize('swiglu', [False, True])
+def test_capacity_engines_match_loop_reference_with_drops(engine, k, swiglu):
+    x, mask, expert, gate = make_token_choice(k, k)
+    w = make_weights(0, swiglu)
+    cap = 2 if k == 1 else 3
+    y_want, kept, dropped_want = np_capacity_reference(x, mask, expert, gate, w, cap)
+    assert 0.0 < dropped_want < 0.7 and not kept[~mask].any()
+    y, dropped = run(jnp.asarray(x), jnp.asarray(mask), token_routing(expert, gate), w,
+                     engine=engine, capacity=cap)
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dropped, dropped_want, rtol=1e-6)
+    # Which pairs dropped: with one pair's gate raised, only a kept pair changes the output.
+    for g, s, kk in [(0, 5, k - 1), (1, 3, 0), (1, 7, 0)]:
+        bumped = gate.copy()
+        bumped[g, s, kk] += 1.0
+        y2, _ = run(jnp.asarray(x), jnp.asarray(mask), token_routing(expert, bumped), w,
+                    engine=engine, capacity=cap)
+        changed = not np.allclose(y2[g, s], y[g, s], rtol=0, atol=1e-7)
+        assert changed == kept[g, s, kk], (g, s, kk)
+
+
+def test_hand_example_gshard_priority():
+    # 1 group, 3 tokens, 2 experts, capacity 1, k=2: all first choices before any second.
+    expert = np.array([[[1, 0], [0, 1], [1, 0]]], np.int32)
+    gate = np.full((1, 3, 2), 0.5, np.float32)
+    mask = np.ones((1, 3), bool)
+    # first choices: t0->e1 (kept), t1->e0 (kept), t2->e1 (full); second choices all dropped.
+    x = np.arange(1.0, 4.0, dtype=np.float32)[None, :, None] * np.ones((1, 3, DM), np.float32)
+    w = make_weights(1, False, num_experts=2)
+    for engine in ('einsum', 'sort'):
+        y, dropped = run(jnp.asarray(x), jnp.asarray(mask), token_routing(expert, gate), w,
+                         engine=engine, capacity=1)
+        np.testing.assert_allclose(dropped, 4.0 / 6.0, rtol=1e-6)
+        np.testing.assert_allclose(y[0, 0], 0.5 * np_expert(w, 1, x[0, 0]), rtol=1e-5)
+        np.testing.assert_allclose(y[0, 1], 0.5 * np_expert(w, 0, x[0, 1]), rtol=1e-5)
+        np.testing.assert_array_equal(y[0, 2], 0.0)
+
+
+def grads_of(engine, x, mask, routing, w, cap):
+    """Gradients of a scalar loss w.r.t. x, the gates and every expert weight."""
+    probe = jax.random.normal(jax.random.key(7), x.shape)
+
+    def loss(x, gate, w):
+        r = routing._replace(gate_GSK=gate) if routing.gate_GSK is not None else (
+            routing._replace(gate_GEC=gate))
+        y, _ = D.dispatch_combine(x, mask, r, w, engine=engine, capacity=cap)
+        return jnp.sum(y * probe)
+    gate = routing.gate_GSK if routing.gate_GSK is not None else routing.gate_GEC
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gate, w)
+
+
+@pytest.mark.parametrize('swiglu', [False, True])
+def test_engines_agree_without_drops_outputs_and_grads(swiglu):
+    x, mask, expert, gate = make_token_choice(3, 2)
+    w = make_weights(2, swiglu)
+    y_want, kept, _ = np_capacity_reference(x, mask, expert, gate, w, S)
+    assert kept[mask].all()
+    args = (jnp.asarray(x), jnp.asarray(mask), token_routing(expert, gate), w)
+    outs = {e: run(*args, engine=e, capacity=S) for e in ENGINES}
+    grads = {e: grads_of(e, *args, S) for e in ENGINES}
+    for e in ENGINES:
+        np.testing.assert_allclose(outs[e][0], y_want, rtol=1e-5, atol=1e-6)
+        assert float(outs[e][1]) == 0.0
+        for a, b in zip(jax.tree.leaves(grads[e]), jax.tree.leaves(grads['einsum'])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    gx = np.asarray(grads['sort'][0])
+    assert np.all(gx[~mask] == 0.0) and np.any(gx[mask] != 0.0)
+
+
+def np_expert_choice_reference(x, mask, token, gate, w):
+    x = np.asarray(x, np.float64)
+    y = np.zeros(x.shape)
+    for g in range(token.shape[0]):
+        for e in range(token.shape[1]):
+            for c in range(token.shape[2]):
+                s = token[g, e, c]
+                if mask[g, s]:
+                    y[g, s] += gate[g, e, c] * np_expert(w, e, x[g, s])
+    return y
+
+
+@pytest.mark.parametrize('swiglu', [False, True])
+def test_expert_choice_through_each_engine(swiglu):
+    x, mask, _, _ = make_token_choice(5, 1)
+    logits = np.random.default_rng(5).normal(size=(G, S, E)).astype(np.float32)
+    routing = expert_choice_routing(jnp.asarray(logits), jnp.asarray(mask), 7)  # > real tokens
+    token, gate = np.asarray(routing.token_GEC), np.asarray(routing.gate_GEC)
+    assert not mask[1][token[1]].all()  # some slots hold padding (gate 0)
+    routing = routing._replace(gate_GEC=jnp.asarray(gate + 0.3 * (gate > 0)))  # gates matter
+    w = make_weights(3, swiglu)
+    y_want = np_expert_choice_reference(x, mask, token, np.asarray(routing.gate_GEC), w)
+    args = (jnp.asarray(x), jnp.asarray(mask), routing, w)
+    grads = {e: grads_of(e, *args, 0) for e in ENGINES}
+    for e in ENGINES:
+        y, dropped = run(*args, engine=e, capacity=0)
+        np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+        assert float(dropped) == 0.0
+        for a, b in zip(jax.tree.leaves(grads[e]), jax.tree.leaves(grads['einsum'])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('engine', ENGINES)
+def test_soft_routing_matches_reference(engine):
+    x, mask, _, _ = make_token_choice(6, 1)
+    rng = np.random.default_rng(6)
+    gate = rng.dirichlet(np.ones(E), size=(G, S)).astype(np.float32)
+    w = make_weights(4, True)
+    y_want = np.zeros(x.shape)
+    for g in range(G):
+        for s in range(S):
+            if mask[g, s]:
+                for e in range(E):
+                    y_want[g, s] += gate[g, s, e] * np_expert(w, e, x[g, s].astype(np.float64))
+    routing = Routing(None, None, None, None, jnp.asarray(gate), {}, {})
+    y, dropped = run(jnp.asarray(x), jnp.asarray(mask), routing, w, engine=engine, capacity=1)
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+    assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize('engine', ENGINES)
+@pytest.mark.parametrize('swiglu', [False, True])
+def test_one_expert_with_gate_one_is_a_plain_ffn(engine, swiglu):
+    x, mask, _, _ = make_token_choice(7, 1)
+    w = make_weights(5, swiglu, num_experts=1)
+    x64 = x.astype(np.float64)
+    w_in, w_out = np.asarray(w.w_in_EDF[0], np.float64), np.asarray(w.w_out_EFD[0], np.float64)
+    if swiglu:
+        h = x64 @ w_in
+        h = h / (1.0 + np.exp(-h)) * (x64 @ np.asarray(w.w_gate_EDF[0], np.float64))
+    else:
+        h = np_gelu(x64 @ w_in)
+    y_want = (h @ w_out) * mask[..., None]
+    routing = token_routing(np.zeros((G, S, 1), np.int32), mask[..., None].astype(np.float32))
+    y, dropped = run(jnp.asarray(x), jnp.asarray(mask), routing, w, engine=engine, capacity=S)
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+    assert float(dropped) == 0.0
+
+
+def test_expert_ffn_shapes_and_dtype():
+    w = make_weights(6, True)
+    x_ECD = jax.random.normal(jax.random.key(0), (E, 3, DM), jnp.bfloat16)
+    y_ECD = D.expert_ffn(w, x_ECD)
+    assert y_ECD.shape == (E, 3, DM) and y_ECD.dtype == jnp.bfloat16
+    x, mask, expert, gate = make_token_choice(8, 2)
+    for engine in ENGINES:
+        y, _ = run(jnp.asarray(x, jnp.bfloat16), jnp.asarray(mask), token_routing(expert, gate),
+                   w, engine=engine, capacity=4)
+        assert y.dtype == jnp.bfloat16 and y.shape == (G, S, DM)
+
+
+def test_unknown_engine_is_rejected():
+    x, mask, expert, gate = make_token_choice(9, 1)
+    with pytest.raises(ValueError, match='engine'):
+        D.dispatch_combine(jnp.asarray(x), jnp.asarray(mask), token_routing(expert, gate),
+                           make_weights(0, False), engine='magic', capacity=2)
