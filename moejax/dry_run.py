@@ -1,0 +1,69 @@
+"""Plan a run without allocating it: compile the train step ahead of time for the config's mesh.
+
+Works on CPU-simulated devices (`--simulated_devices=64`), so a team can check that a real-scale
+layout compiles and fits before renting the hardware. Nothing is allocated: the state and the
+batch are ShapeDtypeStructs carrying their shardings.
+"""
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import config as config_lib
+from moejax import mesh as mesh_lib
+from moejax import model as model_lib
+from moejax import train
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of one device's shard of every array in an abstract, sharded pytree (the max)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def abstract_batch(setup) -> dict:
+    d = setup.cfg.data
+    spec = jax.ShapeDtypeStruct((d.batch_size, d.seq_len), jnp.int32, sharding=setup.batch_sharding)
+    return {k: spec for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+
+
+def plan(cfg) -> dict:
+    """Compile the train step for cfg on the current devices; return sizes and FLOPs."""
+    start = time.time()
+    config_lib.validate(cfg, jax.device_count())
+    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    step = jax.jit(functools.partial(train.train_step, setup),
+                   in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, None), donate_argnums=0)
+    with jax.set_mesh(setup.mesh):
+        compiled = step.lower(setup.abstract_state, abstract_batch(setup)).compile()
+    memory = compiled.memory_analysis()
+    state = setup.abstract_state
+    counts = model_lib.param_counts(cfg)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return {
+        'params': counts['params'],
+        'active_params': counts['active_params'],
+        'params_counted': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+        'devices': jax.device_count(),
+        'mesh': config_lib.mesh_shape(cfg.mesh, jax.device_count()),
+        'params_bytes_per_device': bytes_per_device(state.params),
+        'opt_state_bytes_per_device': bytes_per_device(state.opt_state),
+        'temp_bytes_per_device': int(memory.temp_size_in_bytes) if memory else None,
+        'flops_per_step': model_lib.flops_per_token(cfg) * tokens,
+        'compiled_flops_per_device': _compiled_flops(compiled),
+        'compile_seconds': round(time.time() - start, 1),
+    }
+
+
+def _compiled_flops(compiled) -> float | None:
+    """XLA's own FLOP count of one device's program, where the backend reports it."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost['flops']) if cost and 'flops' in cost else None
