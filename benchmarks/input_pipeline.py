@@ -1,0 +1,75 @@
+"""Input-pipeline throughput: train batches per second from the packed cache, as one JSON line.
+
+COMMAND: python benchmarks/input_pipeline.py [--config=configs/default.py[:VARIANT]]
+             [--num_batches=500] [--data.KEY=VALUE ...]
+Preparing the corpus, tokenizer and packed cache (first run only) is timed apart as prepare_s.
+"""
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import time
+
+import numpy as np
+
+from moejax import data
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'default.py')
+
+
+def load_config(spec: str):
+    """get_config(variant) from a config file given as PATH[:VARIANT]."""
+    path, _, variant = spec.partition(':')
+    module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None)
+
+
+def apply_overrides(cfg, overrides: list[str]) -> None:
+    """--data.seq_len=256 style flags; values are Python literals, or strings if not."""
+    for flag in overrides:
+        key, _, text = flag.lstrip('-').partition('=')
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        group, name = key.split('.')
+        cfg[group][name] = value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--config', default=DEFAULT_CONFIG)
+    parser.add_argument('--num_batches', type=int, default=500)
+    args, overrides = parser.parse_known_args()
+    cfg = load_config(args.config)
+    apply_overrides(cfg, overrides)
+
+    start = time.perf_counter()
+    data.check_data(cfg)
+    tokenizer = data.get_tokenizer(cfg)
+    source = data.train_batches(cfg, tokenizer)
+    prepare_s = time.perf_counter() - start
+
+    real_tokens = 0
+    start = time.perf_counter()
+    for i, batch in enumerate(source):
+        real_tokens += int(np.count_nonzero(batch['segment_ids']))
+        if i + 1 == args.num_batches:
+            break
+    seconds = time.perf_counter() - start
+    slots = args.num_batches * cfg.data.batch_size * cfg.data.seq_len
+    print(json.dumps({
+        'benchmark': 'input_pipeline', 'dataset': cfg.data.name, 'tokenizer': cfg.data.tokenizer,
+        'vocab_size': cfg.data.vocab_size, 'seq_len': cfg.data.seq_len,
+        'batch_size': cfg.data.batch_size, 'num_batches': args.num_batches,
+        'tokens_per_sec': round(slots / seconds),
+        'real_tokens_per_sec': round(real_tokens / seconds),
+        'pad_fraction': round(1 - real_tokens / slots, 4), 'prepare_s': round(prepare_s, 2),
+        'packed_rows': source.num_rows}))
+
+
+if __name__ == '__main__':
+    main()

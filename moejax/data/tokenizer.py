@@ -1,0 +1,252 @@
+"""Tokenizers: raw UTF-8 bytes, or SentencePiece with byte fallback so every text round-trips.
+
+Both share ids 0 pad, 1 bos, 2 eos and expose `byte_lengths()` (UTF-8 bytes per id), which turns
+a summed cross-entropy into bits per byte, a number comparable across tokenizers.
+"""
+import hashlib
+import io
+import itertools
+import json
+import os
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from moejax.data import corpus
+from moejax.errors import ConfigError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+BYTE_OFFSET = 3                  # byte tokenizer: id = byte + 3
+BYTE_VOCAB = BYTE_OFFSET + 256   # smallest byte vocabulary
+MIN_SENTENCEPIECE_VOCAB = 300    # 4 special ids + 256 byte pieces + the corpus's characters
+SAMPLE_CHARS = 4_000_000         # SentencePiece trains on this much of the train split
+SAMPLE_SEED = 0                  # which documents form that sample
+MAX_TRAIN_PIECE = 4096           # long documents are fed to the trainer in chunks of lines
+SPACE = '\u2581'                 # SentencePiece's visible space
+
+
+class Tokenizer(Protocol):
+    """What the pipeline and the evaluator need from a tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids) -> str: ...
+
+    def byte_lengths(self) -> np.ndarray: ...
+
+    def save(self, directory: str) -> None: ...
+
+
+class ByteTokenizer:
+    """ids 0 pad, 1 bos, 2 eos, 3..258 the UTF-8 bytes; ids above 258 (if any) stay unused."""
+
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+    filename = 'tokenizer.json'
+
+    def __init__(self, vocab_size: int = BYTE_VOCAB):
+        if vocab_size < BYTE_VOCAB:
+            raise ConfigError('data.vocab_size', vocab_size,
+                              f'the byte tokenizer needs >= {BYTE_VOCAB}')
+        self.vocab_size = vocab_size
+        self.fingerprint = 'byte'
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32) + BYTE_OFFSET
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        ids_N = np.asarray(ids, np.int64).reshape(-1)
+        keep = (ids_N >= BYTE_OFFSET) & (ids_N < BYTE_VOCAB)
+        return (ids_N[keep] - BYTE_OFFSET).astype(np.uint8).tobytes().decode('utf-8', 'replace')
+
+    def byte_lengths(self) -> np.ndarray:
+        lengths_V = np.zeros(self.vocab_size, np.int32)
+        lengths_V[BYTE_OFFSET:BYTE_VOCAB] = 1
+        return lengths_V
+
+    def save(self, directory: str) -> None:
+        corpus.atomic_write(os.path.join(directory, self.filename),
+                            json.dumps({'type': 'byte', 'vocab_size': self.vocab_size}).encode())
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (pad 0, bos 1, eos 2, unk 3, byte fallback), decoded via a byte table.
+
+    The literal character U+2581 would decode as a space, so `encode` spells it as byte pieces;
+    with that, decode(encode(text)) == text for every string (for models trained here; a loaded
+    model that normalizes text or lacks byte pieces round-trips only what it can represent).
+    """
+
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+    filename = 'tokenizer.model'
+
+    def __init__(self, model_proto: bytes, vocab_size: int | None = None, source: str = ''):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        size = self._sp.get_piece_size()
+        special = [self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()]
+        if special != [PAD_ID, BOS_ID, EOS_ID]:
+            raise ConfigError('data.tokenizer_path', source, f'the model has pad/bos/eos ids '
+                              f'{special}; moejax needs 0/1/2 (pad_id=0 bos_id=1 eos_id=2)')
+        if vocab_size is not None and vocab_size < size:
+            raise ConfigError('data.vocab_size', vocab_size,
+                              f'must be >= {size}, the SentencePiece model\'s vocabulary')
+        self.vocab_size = size if vocab_size is None else vocab_size
+        self.fingerprint = 'sp-' + hashlib.sha256(model_proto).hexdigest()[:16]
+        self._piece_bytes = [self._bytes_of(i) for i in range(size)]
+        self._space_ids = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in SPACE.encode()]
+        spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto).normalizer_spec
+        self._drop_leading_space = spec.add_dummy_prefix  # as SentencePiece's own decoder does
+
+    def _bytes_of(self, i: int) -> bytes:
+        sp = self._sp
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            return b''
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SPACE, ' ').encode('utf-8')
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode many texts at once (the SentencePiece library uses several threads)."""
+        parts_per_text = [text.split(SPACE) for text in texts]
+        encoded = iter(self._sp.encode([p for parts in parts_per_text for p in parts],
+                                       num_threads=os.cpu_count() or 1))
+        out = []
+        for parts in parts_per_text:
+            ids = [next(encoded)]
+            for _ in parts[1:]:
+                ids += [self._space_ids, next(encoded)]
+            out.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32))
+        return out
+
+    def decode(self, ids) -> str:
+        table = self._piece_bytes
+        text = b''.join(table[i] for i in np.asarray(ids, np.int64).reshape(-1).tolist()
+                        if 0 <= i < len(table)).decode('utf-8', 'replace')
+        return text[1:] if self._drop_leading_space and text.startswith(' ') else text
+
+    def byte_lengths(self) -> np.ndarray:
+        lengths_V = np.zeros(self.vocab_size, np.int32)
+        lengths_V[:len(self._piece_bytes)] = [len(b) for b in self._piece_bytes]
+        return lengths_V
+
+    def save(self, directory: str) -> None:
+        corpus.atomic_write(os.path.join(directory, self.filename), self.model_proto)
+
+
+def _training_chunks(texts: Iterable[str]) -> Iterator[str]:
+    """Documents cut at line ends into pieces of at most ~MAX_TRAIN_PIECE characters."""
+    for text in texts:
+        chunk = ''
+        for line in text.splitlines(keepends=True):
+            if chunk and len(chunk) + len(line) > MAX_TRAIN_PIECE:
+                yield chunk
+                chunk = ''
+            chunk += line
+        if chunk:
+            yield chunk
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+    """Train a unigram model that keeps text verbatim (no normalization, byte fallback)."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_chunks(texts), model_writer=model,
+            vocab_size=vocab_size, model_type='unigram', hard_vocab_limit=False,
+            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, byte_fallback=True,
+            normalization_rule_name='identity', remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+            character_coverage=0.9995, max_sentence_length=1 << 16, input_sentence_size=0,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        raise ConfigError('data.vocab_size', vocab_size, 'SentencePiece could not train: '
+                          + str(e).splitlines()[0][-160:]) from None
+    return model.getvalue()
+
+
+def _training_sample(cfg) -> Iterator[str]:
+    """About SAMPLE_CHARS of train-split documents, in a fixed shuffled order."""
+    docs = corpus.open_split(cfg, 'train')
+    order = np.random.default_rng(SAMPLE_SEED).permutation(len(docs))
+    total = 0
+    for start in range(0, len(order), 256):
+        for text in docs.get(order[start:start + 256]):
+            yield text
+            total += len(text)
+            if total >= SAMPLE_CHARS:
+                return
+
+
+def _cached_sentencepiece(cfg) -> SentencePieceTokenizer:
+    """Load the model cached for (dataset, vocab_size), or train and cache it atomically."""
+    key = corpus.open_split(cfg, 'train').key
+    path = os.path.join(corpus.cache_dir(cfg, 'tokenizers'), f'{key}-sp{cfg.data.vocab_size}.model')
+    with corpus.file_lock(path):
+        if not os.path.exists(path):
+            model = train_sentencepiece(_training_sample(cfg), cfg.data.vocab_size)
+            corpus.atomic_write(path, model)
+        with open(path, 'rb') as f:
+            return SentencePieceTokenizer(f.read(), cfg.data.vocab_size)
+
+
+def saved_kind(directory: str) -> str | None:
+    """'sentencepiece' or 'byte' if directory holds a saved tokenizer, else None."""
+    for cls, kind in ((SentencePieceTokenizer, 'sentencepiece'), (ByteTokenizer, 'byte')):
+        if os.path.exists(os.path.join(directory, cls.filename)):
+            return kind
+    return None
+
+
+def load_tokenizer(directory: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer saved in directory by `save` (tokenizer.model or tokenizer.json)."""
+    if saved_kind(directory) == 'byte':
+        return ByteTokenizer(vocab_size)
+    with open(os.path.join(directory, SentencePieceTokenizer.filename), 'rb') as f:
+        return SentencePieceTokenizer(f.read(), vocab_size)
+
+
+def get_tokenizer(cfg, workdir: str | None = None) -> Tokenizer:
+    """The run's tokenizer: the one saved in workdir if any (resume), else built and saved."""
+    kind, vocab_size = cfg.data.tokenizer, cfg.data.vocab_size
+    saved = saved_kind(workdir) if workdir else None
+    if saved is not None:
+        if saved != kind:
+            raise ConfigError('data.tokenizer', kind, f'{workdir} holds a {saved} tokenizer '
+                              f'that a resumed run must keep; set data.tokenizer={saved} '
+                              'or use a new workdir')
+        return load_tokenizer(workdir, vocab_size)
+    if kind == 'byte':
+        tokenizer = ByteTokenizer(vocab_size)
+    elif kind == 'sentencepiece' and cfg.data.get('tokenizer_path'):
+        with open(os.path.expanduser(cfg.data.tokenizer_path), 'rb') as f:
+            tokenizer = SentencePieceTokenizer(f.read(), vocab_size, cfg.data.tokenizer_path)
+    elif kind == 'sentencepiece':
+        tokenizer = _cached_sentencepiece(cfg)
+    else:
+        raise ConfigError('data.tokenizer', kind, 'use sentencepiece or byte')
+    if workdir:
+        tokenizer.save(workdir)
+    return tokenizer
+
+
+def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Encode texts to int32 arrays, using a tokenizer's fast batch path when it has one."""
+    if hasattr(tokenizer, 'encode_batch'):
+        return tokenizer.encode_batch(texts)
+    if hasattr(tokenizer, 'encode_array'):
+        return [tokenizer.encode_array(t) for t in texts]
+    return [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
