@@ -3,6 +3,8 @@
 COMMAND: python benchmarks/input_pipeline.py [--config=configs/default.py[:VARIANT]]
              [--num_batches=500] [--data.KEY=VALUE ...]
 Preparing the corpus, tokenizer and packed cache (first run only) is timed apart as prepare_s.
+Next to it, `train_tokens_per_sec` is what the config's train step consumes on this machine
+(measured in the same run on the same batches), and `headroom` is the ratio of the two.
 """
 import argparse
 import ast
@@ -43,6 +45,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--config', default=DEFAULT_CONFIG)
     parser.add_argument('--num_batches', type=int, default=500)
+    parser.add_argument('--train_steps', type=int, default=10, help='0 skips the train side')
     args, overrides = parser.parse_known_args()
     cfg = load_config(args.config)
     apply_overrides(cfg, overrides)
@@ -61,6 +64,7 @@ def main():
             break
     seconds = time.perf_counter() - start
     slots = args.num_batches * cfg.data.batch_size * cfg.data.seq_len
+    train_rate = train_tokens_per_sec(cfg, source, args.train_steps) if args.train_steps else None
     print(json.dumps({
         'benchmark': 'input_pipeline', 'dataset': cfg.data.name, 'tokenizer': cfg.data.tokenizer,
         'vocab_size': cfg.data.vocab_size, 'seq_len': cfg.data.seq_len,
@@ -68,7 +72,26 @@ def main():
         'tokens_per_sec': round(slots / seconds),
         'real_tokens_per_sec': round(real_tokens / seconds),
         'pad_fraction': round(1 - real_tokens / slots, 4), 'prepare_s': round(prepare_s, 2),
-        'packed_rows': source.num_rows}))
+        'packed_rows': source.num_rows, 'train_tokens_per_sec': train_rate,
+        'headroom': round(slots / seconds / train_rate, 1) if train_rate else None}))
+
+
+def train_tokens_per_sec(cfg, source, steps: int) -> float:
+    """Tokens/s the config's jitted train step consumes (after 2 warm-up steps)."""
+    import jax
+    from moejax import mesh, train
+    setup = train.make_setup(cfg, mesh.make_mesh(cfg.mesh))
+    state = train.init_state(setup, cfg.train.seed)
+    step_fn, _ = train.compile_steps(setup)
+    batches = [train.global_batch(setup, source[i]) for i in range(steps + 2)]
+    for batch in batches[:2]:
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in batches[2:]:
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    return round(steps * cfg.data.batch_size * cfg.data.seq_len / (time.perf_counter() - start))
 
 
 if __name__ == '__main__':
