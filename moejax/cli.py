@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -15,10 +16,10 @@ from moejax.errors import ConfigError
 FLAGS = flags.FLAGS
 
 
-def _define_common():
+def _define_common(argv):
     config_flags.DEFINE_config_file(
         'config', None, 'Config file, e.g. configs/default.py[:variant]; override any key with '
-        '--config.group.key=value.', lock_config=True)
+        '--config.group.key=value.', lock_config=True, sys_argv=argv)
     flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
     flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:port.')
     flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -27,12 +28,88 @@ def _define_common():
 
 def _parse(argv) -> None:
     """Parse flags; any flag or config-file problem is a usage error (exit 2)."""
+    _recipes_importable(argv)
     try:
         FLAGS(argv)
-    except (flags.Error, Exception) as err:  # config_flags raises plain errors for bad files
-        _usage_error(str(err).splitlines()[0] if str(err) else type(err).__name__)
-    if not FLAGS.workdir:
+        if FLAGS.config is not None and not isinstance(FLAGS.config, ml_collections.ConfigDict):
+            FLAGS.config.keys()  # a config file that failed to load raises its error here
+    except Exception as err:  # noqa: BLE001 - config_flags raises plain errors for bad files
+        _usage_error(_explain_flag_error(err, argv))
+    if not FLAGS.workdir and not getattr(FLAGS, 'dry_run', False):
         _usage_error('--workdir is required: the directory for checkpoints and metrics')
+
+
+def _recipes_importable(argv) -> None:
+    """Recipes import their siblings (`from configs import default`): put the directory that
+    holds the config's package on sys.path, as running from the repository root would."""
+    for arg in argv:
+        if arg.startswith('--config='):
+            path = os.path.abspath(arg.split('=', 1)[1].split(':', 1)[0])
+            root = os.path.dirname(os.path.dirname(path))
+            if root not in sys.path:
+                sys.path.insert(0, root)
+
+
+def _explain_flag_error(err: Exception, argv) -> str:
+    """One line naming the flag or config key at fault, its value and what is allowed."""
+    path = _config_path(argv)
+    base, problem = _load_config(path)
+    if problem:
+        return f'--config={path!r}: {problem}'
+    for key, value in _overrides(argv):
+        group, shown = base, f'--config.{key}' + ('' if value is None else f'={value}')
+        for name in key.split('.'):
+            if not isinstance(group, ml_collections.ConfigDict):
+                return f'{shown}: unknown config key; {key.rsplit(".", 1)[0]} is not a group'
+            if name not in group:
+                return f'{shown}: unknown config key {name!r}; known: {", ".join(sorted(group))}'
+            group = group[name]
+        if isinstance(err, flags.IllegalFlagValueError) and f'--config.{key}=' in str(err):
+            kind = type(group).__name__
+            return (f'--config.{key}={value!r}: must be of type {kind} '
+                    f'(like its value in {path}: {group!r})')
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _config_path(argv) -> str | None:
+    """The --config=PATH[:variant] argument, as given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            return arg.split('=', 1)[1]
+        if arg == '--config' and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _overrides(argv):
+    """(key, value or None) for each --config.KEY[=VALUE] argument."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config.'):
+            key, eq, value = arg[len('--config.'):].partition('=')
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+                value = argv[i + 1]
+            yield key, value if (eq or value) else None
+
+
+def _load_config(path):
+    """(config, None) for a loadable config file, else (None, the reason in one line)."""
+    if path is None:
+        return None, 'is required, e.g. --config=configs/default.py'
+    fresh = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=fresh, lock_config=False,
+                                   sys_argv=['moejax', f'--config={path}'])
+    try:
+        fresh(['moejax', f'--config={path}'])
+        config = fresh.config
+        config.keys()
+        return config, None
+    except Exception as err:  # noqa: BLE001 - anything the config file raised
+        text = str(err)
+        if 'No such file or directory' in text:
+            return None, 'no such config file; give one like configs/default.py[:variant]'
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return None, lines[-1] if lines else type(err).__name__
 
 
 def _usage_error(message: str):
@@ -43,6 +120,11 @@ def _usage_error(message: str):
 def _start(argv):
     """Parse flags, then initialise jax.distributed before any other JAX call."""
     _parse(argv)
+    if getattr(FLAGS, 'simulated_devices', None):
+        # Must happen before the backend starts: plan a large mesh on CPU-simulated devices.
+        import jax
+        jax.config.update('jax_platforms', 'cpu')
+        jax.config.update('jax_num_cpu_devices', FLAGS.simulated_devices)
     from moejax import mesh
     mesh.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
 
@@ -56,15 +138,29 @@ def _run(fn):
         sys.exit(130)
 
 
+def _check_early(cfg, workdir) -> None:
+    """Validate config and workdir before the slow imports, so a typo costs a second or two.
+    (train.prepare checks them again, with the data, for callers that skip the CLI.)"""
+    import jax
+    from moejax import config as config_lib
+    config_lib.validate(cfg, jax.device_count())
+    config_lib.check_workdir(workdir)
+
+
 def train_main(argv=None):
-    _define_common()
+    argv = argv or sys.argv
+    _define_common(argv)
+    flags.DEFINE_integer('simulated_devices', None, 'Run on this many CPU-simulated devices '
+                         '(e.g. 64 with --dry_run to plan a pod-sized layout on a laptop).')
     flags.DEFINE_boolean('dry_run', False, 'Compile the train step ahead of time for the config '
                          'and mesh, print memory and FLOPs as JSON, and exit (nothing allocated).')
-    _start(argv or sys.argv)
+    _start(argv)
     if FLAGS.config is None:
         _usage_error('--config is required, e.g. --config=configs/default.py')
 
     def train():
+        if not FLAGS.dry_run:
+            _check_early(FLAGS.config, FLAGS.workdir)
         from moejax import train
         if FLAGS.dry_run:
             from moejax import dry_run
@@ -79,10 +175,11 @@ def train_main(argv=None):
 
 
 def eval_main(argv=None):
-    _define_common()
+    argv = argv or sys.argv
+    _define_common(argv)
     flags.DEFINE_string('split', 'validation', 'Dataset split to evaluate.')
     flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
-    _start(argv or sys.argv)
+    _start(argv)
 
     def evaluate():
         from moejax import config as config_lib, train

@@ -30,11 +30,13 @@ POSITIVE_INTS = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.
                  'data.batch_size', 'data.eval_batches', 'opt.grad_accum', 'train.num_steps',
                  'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
                  'train.max_skipped_steps')
-NON_NEGATIVE = ('model.num_kv_heads', 'model.moe_every', 'moe.group_size',
-                'moe.num_shared_experts', 'moe.aux_loss_weight', 'moe.z_loss_weight',
-                'moe.jitter', 'moe.bias_update_rate', 'opt.warmup_steps', 'opt.weight_decay',
-                'opt.clip_norm', 'train.eval_every', 'train.seed')
-POSITIVE_FLOATS = ('moe.capacity_factor', 'moe.eval_capacity_factor', 'opt.lr')
+NON_NEGATIVE_INTS = ('model.num_kv_heads', 'model.moe_every', 'moe.group_size',
+                     'moe.num_shared_experts', 'opt.warmup_steps', 'train.eval_every',
+                     'train.seed')
+NON_NEGATIVE = ('moe.aux_loss_weight', 'moe.z_loss_weight', 'moe.jitter', 'moe.bias_update_rate',
+                'opt.weight_decay', 'opt.clip_norm')
+POSITIVE_FLOATS = ('moe.capacity_factor', 'moe.eval_capacity_factor', 'opt.lr', 'model.rope_base')
+UNIT_INTERVAL = ('opt.b1', 'opt.b2')  # Adam decay rates: [0, 1)
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
@@ -52,6 +54,8 @@ def validate(cfg, num_devices: int) -> None:
     """Check every key moejax reads; raise ConfigError on the first problem."""
     _check_kinds(cfg)
     m, e, d = cfg.model, cfg.moe, cfg.data
+    _require(d.batch_size % cfg.opt.grad_accum == 0, 'opt.grad_accum', cfg.opt.grad_accum,
+             f'must divide data.batch_size={d.batch_size}')
     _require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
              f'must divide by model.num_heads={m.num_heads}')
     kv = m.num_kv_heads or m.num_heads
@@ -62,17 +66,16 @@ def validate(cfg, num_devices: int) -> None:
     _require(e.top_k <= e.num_experts, 'moe.top_k', e.top_k,
              f'must be <= moe.num_experts={e.num_experts}')
     _require(e.jitter < 1, 'moe.jitter', e.jitter, 'must be in [0, 1)')
-    if e.group_size:
-        tokens = d.batch_size * d.seq_len
+    if e.group_size:  # routing groups must be whole in every micro-batch (opt.grad_accum)
+        tokens = d.batch_size // cfg.opt.grad_accum * d.seq_len
         _require(tokens % e.group_size == 0, 'moe.group_size', e.group_size,
-                 f'must divide batch_size*seq_len={tokens} (0 = one sequence per group)')
+                 f'must divide the micro-batch tokens batch_size/grad_accum*seq_len={tokens} '
+                 '(0 = one sequence per group)')
     if m.moe_every:
         _require(m.moe_every <= m.num_layers, 'model.moe_every', m.moe_every,
                  f'must be <= model.num_layers={m.num_layers} or 0 for a dense model')
     _check_mesh(cfg, num_devices)
     micro = d.batch_size // cfg.opt.grad_accum
-    _require(d.batch_size % cfg.opt.grad_accum == 0, 'opt.grad_accum', cfg.opt.grad_accum,
-             f'must divide data.batch_size={d.batch_size}')
     dp = mesh_shape(cfg.mesh, num_devices)
     dp = dp['data'] * dp['fsdp'] * dp['expert']
     _require(micro % dp == 0, 'data.batch_size', d.batch_size,
@@ -87,14 +90,18 @@ def _check_kinds(cfg):
     for key in POSITIVE_INTS:
         value = get(cfg, key)
         _require(_is_int(value) and value >= 1, key, value, 'must be an integer >= 1')
+    for key in NON_NEGATIVE_INTS:
+        value = get(cfg, key)
+        _require(_is_int(value) and value >= 0, key, value, 'must be an integer >= 0')
     for key in NON_NEGATIVE:
         value = get(cfg, key)
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-                 key, value, 'must be a number >= 0')
+        _require(_is_number(value) and value >= 0, key, value, 'must be a finite number >= 0')
     for key in POSITIVE_FLOATS:
         value = get(cfg, key)
-        _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                 key, value, 'must be a finite number > 0')
+        _require(_is_number(value) and value > 0, key, value, 'must be a finite number > 0')
+    for key in UNIT_INTERVAL:
+        value = get(cfg, key)
+        _require(_is_number(value) and 0 <= value < 1, key, value, 'must be in [0, 1)')
 
 
 def _check_mesh(cfg, num_devices):
@@ -136,6 +143,11 @@ def _require(ok: bool, key: str, value, allowed: str):
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool, not NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_workdir(workdir: str) -> None:

@@ -4,7 +4,6 @@ Works on CPU-simulated devices (`--simulated_devices=64`), so a team can check t
 layout compiles and fits before renting the hardware. Nothing is allocated: the state and the
 batch are ShapeDtypeStructs carrying their shardings.
 """
-import functools
 import math
 import time
 
@@ -38,11 +37,8 @@ def plan(cfg) -> dict:
     start = time.time()
     config_lib.validate(cfg, jax.device_count())
     setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    step = jax.jit(functools.partial(train.train_step, setup),
-                   in_shardings=(setup.state_shardings, setup.batch_sharding),
-                   out_shardings=(setup.state_shardings, None), donate_argnums=0)
-    with jax.set_mesh(setup.mesh):
-        compiled = step.lower(setup.abstract_state, abstract_batch(setup)).compile()
+    step, _ = train.compile_steps(setup)  # exactly the program training would run
+    compiled = step.lower(setup.abstract_state, abstract_batch(setup)).compile()
     memory = compiled.memory_analysis()
     state = setup.abstract_state
     counts = model_lib.param_counts(cfg)

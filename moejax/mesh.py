@@ -1,4 +1,5 @@
 """The device mesh from cfg.mesh, and multi-host initialisation of jax.distributed."""
+import functools
 import os
 
 import jax
@@ -27,7 +28,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     """Start jax.distributed when this is one process of many.
 
     Explicit flags win; otherwise MOEJAX_COORDINATOR/MOEJAX_NUM_PROCESSES/MOEJAX_PROCESS_ID
-    (set by launch/local_cluster.py), then JAX's own cluster detection (SLURM, TPU pods).
+    (set by launch/local_cluster.py), then JAX's own cluster detection (SLURM with several
+    tasks, TPU pods; MOEJAX_DISTRIBUTED=auto forces it, as launch/tpu_pod_train.sh does).
     A single process with nothing set does nothing.
     """
     coordinator = coordinator or os.environ.get('MOEJAX_COORDINATOR')
@@ -47,6 +49,18 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
 def _in_managed_cluster() -> bool:
     """SLURM with several tasks, or a multi-host TPU pod: JAX can auto-detect these."""
+    if os.environ.get('MOEJAX_DISTRIBUTED') == 'auto':
+        return True
     if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
         return True
     return bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
+
+
+def traced_in(mesh: Mesh, fn):
+    """fn, traced with `mesh` as the context mesh: sharding constraints and the all_to_all
+    shard_map need it, and jit does not set it from in_shardings (use jit(traced_in(mesh, f)))."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced

@@ -24,8 +24,11 @@ def peak_flops(device) -> float | None:
 
 
 def to_python(value):
-    """Arrays -> floats/lists, rounded so the log stays readable."""
+    """Arrays -> numbers/lists. Float32 (or narrower) scalars keep their shortest exact repr,
+    so logged losses compare bit for bit; other floats are rounded to stay readable."""
     arr = np.asarray(value)
+    if arr.ndim == 0 and arr.dtype.kind == 'f' and arr.dtype.itemsize <= 4:
+        return float(str(arr.astype(np.float32)[()]))
     if arr.ndim == 0:
         return round(float(arr), 6) if arr.dtype.kind == 'f' else arr.item()
     return np.round(arr.astype(np.float64), 5).tolist()
@@ -41,11 +44,12 @@ class MetricWriter:
             self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (they will be recomputed, identically, after a resume)."""
+        """Drop records past `step` (they will be recomputed, identically, after a resume),
+        and any line cut short by a killed process."""
         if not (self.enabled and os.path.exists(self.path)):
             return
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+            keep = [line for line in f if _record_step(line) <= step]
         with open(self.path + '.tmp', 'w') as f:
             f.writelines(keep)
         os.replace(self.path + '.tmp', self.path)
@@ -59,7 +63,8 @@ class MetricWriter:
         if self.tb is not None:
             for key, value in record.items():
                 if key != 'step' and np.ndim(value) == 0:
-                    self.tb.add_scalar(key, value, step)
+                    if np.isfinite(value):  # non-finite values: in metrics.jsonl only
+                        self.tb.add_scalar(key, value, step)
                 elif key == 'expert_load':
                     for layer, load in enumerate(value):
                         self.tb.add_histogram(f'expert_load/layer{layer}', np.asarray(load), step)
@@ -67,6 +72,14 @@ class MetricWriter:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a partial or unreadable one."""
+    try:
+        return json.loads(line)['step'] if line.endswith('\n') else float('inf')
+    except (ValueError, KeyError, TypeError):
+        return float('inf')
 
 
 class Throughput:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import dispatch, layers, routing, sharding
+from moejax import dispatch, expert_parallel, layers, routing, sharding
 
 
 class MoEBlock(nnx.Module):
@@ -38,9 +38,11 @@ class MoEBlock(nnx.Module):
         route = self.router(x_GSD, mask_GS, train=train, rng=rng)
         cf = e.capacity_factor if train else e.eval_capacity_factor
         capacity = routing.capacity(S, e.num_experts, e.top_k, cf)
-        y_GSD, dropped = dispatch.dispatch_combine(
-            x_GSD, mask_GS, route, self.expert_weights(x_BTD.dtype),
-            engine=e.dispatch, capacity=capacity)
+        # comm='gspmd': sharding constraints, XLA inserts the collectives; 'all_to_all': by hand.
+        engine = (expert_parallel.dispatch_combine if expert_parallel.applies(e, route)
+                  else dispatch.dispatch_combine)
+        y_GSD, dropped = engine(x_GSD, mask_GS, route, self.expert_weights(x_BTD.dtype),
+                                engine=e.dispatch, capacity=capacity)
         y_BTD = sharding.constrain(y_GSD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)

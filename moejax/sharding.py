@@ -63,8 +63,11 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules=DEFAULT_RULES) 
     if mesh.empty or mesh.size == 1:
         return x
     spec = logical_to_spec(logical, rules)
-    # Drop mesh axes the current mesh lacks or has at size 1, so one rules table fits every mesh.
-    names = set(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    # Drop mesh axes the current mesh lacks or has at size 1, so one rules table fits every mesh,
+    # and axes that are manual here (inside shard_map, where each device sees its own shard).
+    names = set(a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in mesh.manual_axes)
+    if not names:
+        return x
     def keep(entry):
         if entry is None:
             return None

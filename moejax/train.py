@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import signal
-import time
 
 import flax.struct
 import jax
@@ -104,44 +103,64 @@ def loss_and_metrics(logits_BTV, batch, stats, moe_cfg, num_tokens):
     return loss, {'ce_loss': ce, 'aux_loss': aux, 'z_loss': z}
 
 
-def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, num_micro):
-    """Gradients of one micro-batch; CE is summed over tokens so micro-batches add up exactly."""
+def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
+    """Gradients of one micro-batch, scaled so that micro-batches add up to the whole batch's.
+
+    CE is a token sum over the whole batch's num_tokens; the balance loss (a mean over routing
+    groups with real tokens) and the z-loss and router statistics (means over real tokens) are
+    weighted by this micro-batch's share of those groups and tokens.
+    """
     def loss_fn(params):
         model = nnx.merge(setup.graphdef, params, state.extra)
         logits, stats = model(batch['inputs'], batch['segment_ids'], batch['positions'],
                               train=True, rng=rng)
-        loss, parts = loss_and_metrics(logits, batch, stats, setup.cfg.moe, num_tokens)
-        # Balance/z losses are means over groups: average them over micro-batches.
-        extra_loss = loss - parts['ce_loss']
-        return parts['ce_loss'] + extra_loss / num_micro, (parts, stats)
+        _, parts = loss_and_metrics(logits, batch, stats, setup.cfg.moe, num_tokens)
+        parts = dict(parts, aux_loss=share['groups'] * parts['aux_loss'],
+                     z_loss=share['tokens'] * parts['z_loss'])
+        moe = setup.cfg.moe
+        loss = parts['ce_loss'] + moe.aux_loss_weight * parts['aux_loss'] \
+            + moe.z_loss_weight * parts['z_loss']
+        return loss, (parts, jax.tree.map(lambda x: share['tokens'] * x, stats))
     return jax.grad(loss_fn, has_aux=True)(state.params)
 
 
+def micro_shares(cfg, segment_ids_BT, num_micro: int) -> dict:
+    """Each micro-batch's share [M] of the batch's real tokens and of its routing groups that
+    hold one (groups are moe.group_size tokens, or a row; validate makes them whole)."""
+    real_MN = (segment_ids_BT > 0).reshape(num_micro, -1)
+    group = cfg.moe.group_size or segment_ids_BT.shape[1]
+    tokens_M = jnp.sum(real_MN, axis=1)
+    groups_M = jnp.sum(jnp.any(real_MN.reshape(num_micro, -1, group), axis=-1), axis=1)
+    share = lambda n_M: n_M.astype(jnp.float32) / jnp.maximum(jnp.sum(n_M), 1).astype(jnp.float32)
+    return {'tokens': share(tokens_M), 'groups': share(groups_M)}
+
+
 def train_step(setup: Setup, state: TrainState, batch):
-    """One optimizer step over the global batch (split into opt.grad_accum micro-batches)."""
+    """One optimizer step over the global batch, split into opt.grad_accum micro-batches of
+    consecutive rows (with jitter or noisy routing, each micro-batch draws its own noise)."""
     num_micro = setup.cfg.opt.grad_accum
     num_tokens = jnp.maximum(jnp.sum(batch['segment_ids'] > 0), 1).astype(jnp.float32)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if num_micro == 1:
-        grads, (parts, stats) = micro_grads(setup, state, batch, rng, num_tokens, 1)
+        whole = {'tokens': 1.0, 'groups': 1.0}
+        grads, (parts, stats) = micro_grads(setup, state, batch, rng, num_tokens, whole)
         return apply_gradients(setup, state, grads, parts, stats, num_tokens)
 
     micro = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
+    shares = micro_shares(setup.cfg, batch['segment_ids'], num_micro)
     grad_fn = lambda i: micro_grads(setup, state, jax.tree.map(lambda x: x[i], micro),
-                                    jax.random.fold_in(rng, i), num_tokens, num_micro)
+                                    jax.random.fold_in(rng, i), num_tokens,
+                                    jax.tree.map(lambda x: x[i], shares))
     accumulate = lambda total, i: (jax.tree.map(jnp.add, total, grad_fn(i)), None)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, 0))
     (grads, (parts, stats)), _ = jax.lax.scan(accumulate, zeros, jnp.arange(num_micro))
-    # CE was normalised by the whole batch's tokens (sums exactly); the rest are averages.
-    mean = lambda x: x / num_micro
-    parts = dict(parts, aux_loss=mean(parts['aux_loss']), z_loss=mean(parts['z_loss']))
-    return apply_gradients(setup, state, grads, parts, jax.tree.map(mean, stats), num_tokens)
+    return apply_gradients(setup, state, grads, parts, stats, num_tokens)
 
 
 def apply_gradients(setup, state, grads, parts, stats, num_tokens):
     """Optimizer update, skipped (and counted) when the loss or a gradient is not finite."""
     cfg = setup.cfg
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     loss = parts['ce_loss'] + cfg.moe.aux_loss_weight * parts['aux_loss'] \
         + cfg.moe.z_loss_weight * parts['z_loss']
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -173,12 +192,15 @@ def update_balance_bias(setup, state, stats):
 
 
 def compile_steps(setup: Setup):
-    """The jitted train and eval steps, with shardings pinned and the train state donated."""
-    train = jax.jit(functools.partial(train_step, setup),
+    """The jitted train and eval steps, with shardings pinned and the train state donated.
+
+    Both trace under the mesh, so the model's sharding constraints and shard_maps see it."""
+    in_mesh = functools.partial(mesh_lib.traced_in, setup.mesh)
+    train = jax.jit(in_mesh(functools.partial(train_step, setup)),
                     in_shardings=(setup.state_shardings, setup.batch_sharding),
                     out_shardings=(setup.state_shardings, None), donate_argnums=0)
     s = setup.state_shardings
-    evaluate = jax.jit(functools.partial(evaluate_lib.eval_step, setup.graphdef),
+    evaluate = jax.jit(in_mesh(functools.partial(evaluate_lib.eval_step, setup.graphdef)),
                        in_shardings=(s.params, s.extra, setup.batch_sharding, None))
     return train, evaluate
 
@@ -190,13 +212,20 @@ def global_batch(setup: Setup, host_batch: dict) -> dict:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a request to checkpoint and exit after the current step."""
+    """Turns SIGTERM/SIGINT into a request to checkpoint and exit after the current step.
+
+    Installed before setup, so a preemption notice during compilation is not lost; a second
+    signal means "stop now" (KeyboardInterrupt), for an impatient Ctrl-C.
+    """
 
     def __init__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt(f'signal {signum} received twice')
         self.requested = True
 
     def agreed(self) -> bool:
@@ -239,7 +268,8 @@ def prepare(cfg, workdir: str, *, for_training: bool = True) -> Run:
     byte_lengths = np.zeros(cfg.data.vocab_size, np.float32)
     byte_lengths[:tokenizer.vocab_size] = tokenizer.byte_lengths()
     return Run(setup, tokenizer, train_fn, eval_fn, [], jnp.asarray(byte_lengths),
-               checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints),
+               checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints,
+                                           read_only=not for_training, cleanup_tmp=for_training),
                metrics_lib.MetricWriter(workdir, enabled=chief and for_training))
 
 
@@ -266,79 +296,110 @@ def run_eval(run: Run, state: TrainState, batches=None) -> dict:
                                  run.byte_lengths)
 
 
-def restore_or_init(run: Run) -> TrainState:
-    """The state phase: the newest restorable checkpoint, or a fresh initialisation."""
+def restore_or_init(run: Run) -> tuple[TrainState, dict]:
+    """The state phase: the newest restorable checkpoint, or a fresh initialisation.
+
+    Returns (state, loop_state): loop_state is what the checkpoint saved beside the train state
+    (the data position, the skip counters); {} for a fresh start.
+    """
     restored = run.checkpointer.restore(run.setup.abstract_state)
     if restored is None:
-        return init_state(run.setup, run.setup.cfg.train.seed)
-    state, data_state, step = restored
-    if data_state.get('next_batch') != int(state.step):
-        raise RuntimeError(f'checkpoint {step}: data position {data_state} != step {state.step}')
+        return init_state(run.setup, run.setup.cfg.train.seed), {}
+    state, loop_state, step = restored
+    if loop_state.get('next_batch') != int(state.step):
+        raise RuntimeError(f'checkpoint {step}: data position {loop_state} != step {state.step}')
     print(f'Resumed from checkpoint at step {step}.', flush=True)
-    return state
+    return state, loop_state
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
     """Train to cfg.train.num_steps (resuming if checkpoints exist); returns the last metrics."""
-    # Setup: everything below fails fast, before data is read or anything compiles.
-    run = prepare(cfg, workdir)
-    t = cfg.train
-    train_data = data_lib.train_batches(cfg, run.tokenizer, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-    run.eval_batches = load_eval_batches(run, 'validation')
-    # State.
-    state = restore_or_init(run)
-    start = int(state.step)
-    run.writer.truncate_after(start)
-    meter = metrics_lib.Throughput(model_lib.flops_per_token(cfg))
-    progress = metrics_lib.Progress(t.num_steps, enabled=jax.process_index() == 0)
-    stop, skips, last = StopSignal(), SkipCounter(t.max_skipped_steps), {'step': start}
-    # Steps.
+    stop = StopSignal()
     try:
-        for step in range(start, t.num_steps):
-            state, metrics = run.train_step(state, global_batch(run.setup, train_data[step]))
-            done = step + 1
-            skips.update(int(metrics['skipped']), done)
-            meter.step(metrics['tokens'])
-            if done % t.log_every == 0 or done == t.num_steps:
-                rec = dict(jax.device_get(metrics), **meter.read(), skipped_steps=skips.total)
-                run.writer.write(done, rec)
-                progress.log(done, rec, done - start)
-                last = {'step': done, **rec}
-            if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
-                last.update(log_eval(run, state, done))
-                meter.pause()
-            if done % t.checkpoint_every == 0 or stop.agreed():
-                run.checkpointer.save(done, state, {'next_batch': done})
-                meter.pause()
-            if stop.requested:
-                print(f'Stop requested: saved step {done}; exiting.', flush=True)
-                return last
-        # Finish: a final evaluation and checkpoint (skipped if there was nothing to do).
-        done = int(state.step)
-        if done > start or not run.checkpointer.steps():
-            last.update(log_eval(run, state, done))
-            run.checkpointer.save(done, state, {'next_batch': done})
-        return last
+        # Setup: everything below fails fast, before data is read or anything compiles.
+        run = prepare(cfg, workdir)
+    except BaseException:
+        stop.restore()
+        raise
+    try:
+        return train_steps(run, stop)
     finally:
         stop.restore()
         run.checkpointer.close()
         run.writer.close()
 
 
+def train_steps(run: Run, stop: StopSignal) -> dict:
+    """The state and steps phases: restore, train, log, evaluate, checkpoint, finish."""
+    cfg, t = run.setup.cfg, run.setup.cfg.train
+    train_data = data_lib.train_batches(cfg, run.tokenizer, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    run.eval_batches = load_eval_batches(run, 'validation')
+    state, loop_state = restore_or_init(run)
+    start = int(state.step)
+    run.writer.truncate_after(start)
+    meter = metrics_lib.Throughput(model_lib.flops_per_token(cfg))
+    progress = metrics_lib.Progress(t.num_steps, enabled=jax.process_index() == 0)
+    skips, last = SkipCounter(t.max_skipped_steps, **loop_state.get('skips', {})), {'step': start}
+    if stop.agreed():
+        print(f'Stop requested before step {start + 1}; nothing new to save; exiting.', flush=True)
+        return last
+    for step in range(start, t.num_steps):
+        state, metrics = run.train_step(state, global_batch(run.setup, train_data[step]))
+        done = step + 1
+        skips.update(int(metrics['skipped']))
+        meter.step(metrics['tokens'])
+        if done % t.log_every == 0 or done == t.num_steps:
+            rec = dict(jax.device_get(metrics), **meter.read(), skipped_steps=skips.total)
+            run.writer.write(done, rec)
+            progress.log(done, rec, done - start)
+            last = {'step': done, **rec}
+        skips.check(done)  # after logging, so the non-finite step is on record
+        if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            last.update(log_eval(run, state, done))
+            meter.pause()
+        stopping = stop.agreed()  # asked of every process at every step, so all stop together
+        if done % t.checkpoint_every == 0 or stopping:
+            run.checkpointer.save(done, state, loop_state_at(done, skips))
+            meter.pause()
+        if stopping:
+            print(f'Stop requested: saved step {done}; exiting.', flush=True)
+            return last
+    # Finish: a final evaluation and checkpoint (skipped if there was nothing to do).
+    done = int(state.step)
+    if done > start or not run.checkpointer.steps():
+        last.update(log_eval(run, state, done))
+        run.checkpointer.save(done, state, loop_state_at(done, skips))
+    return last
+
+
+def loop_state_at(step: int, skips: 'SkipCounter') -> dict:
+    """What a checkpoint holds beside the train state: the data position and skip counters."""
+    return {'next_batch': step, 'skips': skips.state()}
+
+
 class SkipCounter:
-    """Counts non-finite steps; too many in a row stops the run (the last checkpoint stays)."""
+    """Counts non-finite steps; too many in a row stops the run (the last checkpoint stays).
 
-    def __init__(self, limit: int):
-        self.limit, self.in_a_row, self.total = limit, 0, 0
+    Its counts are checkpointed, so a resumed run stops exactly where the uninterrupted one would.
+    """
 
-    def update(self, skipped: int, step: int) -> None:
+    def __init__(self, limit: int, in_a_row: int = 0, total: int = 0):
+        self.limit, self.in_a_row, self.total = limit, in_a_row, total
+
+    def state(self) -> dict:
+        return {'in_a_row': self.in_a_row, 'total': self.total}
+
+    def update(self, skipped: int) -> None:
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         self.total += skipped
+
+    def check(self, step: int) -> None:
+        """Raise NonFiniteError once train.max_skipped_steps steps in a row were skipped."""
         if self.in_a_row >= self.limit:
             raise NonFiniteError(
                 f'{self.in_a_row} steps in a row had a non-finite loss or gradient '
-                f'(train.max_skipped_steps={self.limit}); stopped at step {step}, the last '
+                f'(train.max_skipped_steps={self.limit}); stopped at step {step}; the last '
                 f'checkpoint is intact. Try a lower opt.lr or opt.clip_norm.')
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from moejax import dispatch as D
+from moejax import grouped
 from moejax.routing import Routing, expert_choice_routing
 
 nnx.use_eager_sharding(False)
@@ -236,3 +237,26 @@ def test_unknown_engine_is_rejected():
     with pytest.raises(ValueError, match='engine'):
         D.dispatch_combine(jnp.asarray(x), jnp.asarray(mask), token_routing(expert, gate),
                            make_weights(0, False), engine='magic', capacity=2)
+
+
+@pytest.mark.parametrize('blocks, swiglu', [((4, 2), False), ((8, 4, 1), True)])
+def test_fast_engines_with_several_cpu_block_sizes(blocks, swiglu, monkeypatch):
+    """Big blocks, tail blocks and padding of the CPU block loops, through sort and dropless."""
+    x, mask, expert, gate = make_token_choice(11, 2)
+    w = make_weights(12, swiglu)
+    args = (jnp.asarray(x), jnp.asarray(mask), token_routing(expert, gate), w)
+    monkeypatch.setattr(grouped, 'MIN_BLOCK', 10 ** 9)  # the reference: einsums throughout
+    want = grads_of('einsum', *args, S)
+    monkeypatch.setattr(grouped, 'CPU_BLOCKS', blocks)
+    monkeypatch.setattr(grouped, 'MIN_BLOCK', 1)
+    for cap in (3, S):  # with drops (sort only) and without
+        y_want, _, dropped_want = np_capacity_reference(x, mask, expert, gate, w, cap)
+        y, dropped = jax.jit(functools.partial(D.dispatch_combine, engine='sort',
+                                               capacity=cap))(*args)
+        np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dropped, dropped_want, rtol=1e-6)
+    y, _ = jax.jit(functools.partial(D.dispatch_combine, engine='dropless', capacity=0))(*args)
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
+    for engine in ('sort', 'dropless'):
+        for a, b in zip(jax.tree.leaves(grads_of(engine, *args, S)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
