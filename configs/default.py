@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.moe_every = 2           # every n-th FFN is an MoE block (Switch: every other); 0 = dense
     m.activation = 'gelu'     # FFN nonlinearity: 'gelu' | 'swiglu'
     m.rope_base = 10_000.0    # rotary embedding base frequency
+    m.remat = 'none'          # 'block': recompute each block in the backward pass (less memory)
 
     cfg.moe = e = ml_collections.ConfigDict()
     e.num_experts = 8                # routed experts per MoE block

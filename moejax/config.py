@@ -14,6 +14,7 @@ from moejax.errors import ConfigError
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.activation': ('gelu', 'swiglu'),
+    'model.remat': ('none', 'block'),
     'moe.router': ('top_k', 'noisy_top_k', 'expert_choice', 'soft'),
     'moe.dispatch': ('einsum', 'sort', 'dropless'),
     'moe.comm': ('gspmd', 'all_to_all'),
@@ -117,6 +118,13 @@ def _check_mesh(cfg, num_devices):
              f'must divide by mesh.tensor={shape["tensor"]}')
     _require(m.d_ff % shape['tensor'] == 0, 'model.d_ff', m.d_ff,
              f'must divide by mesh.tensor={shape["tensor"]}')
+    kv = m.num_kv_heads or m.num_heads
+    _require(kv % shape['tensor'] == 0, 'model.num_kv_heads', kv,
+             f'must divide by mesh.tensor={shape["tensor"]}')
+    _require(cfg.data.vocab_size % shape['tensor'] == 0, 'data.vocab_size', cfg.data.vocab_size,
+             f'must divide by mesh.tensor={shape["tensor"]} (the embedding is split over it)')
+    _require(m.d_model % shape['fsdp'] == 0, 'model.d_model', m.d_model,
+             f'must divide by mesh.fsdp={shape["fsdp"]} (weights are split over it)')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -172,6 +180,17 @@ def save_json(cfg, workdir: str) -> None:
     os.replace(path + '.tmp', path)
 
 
+# Keys added after a run could have saved its config.json, with the value that reproduces the
+# behaviour such a run had: a saved run stays loadable (eval, generate, analyze) as keys appear.
+ADDED_KEYS = {'model.remat': 'none'}
+
+
 def from_json(path: str) -> ml_collections.ConfigDict:
+    """The config a run saved, with keys added since then set to their old behaviour."""
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        cfg = ml_collections.ConfigDict(json.load(f))
+    for key, value in ADDED_KEYS.items():
+        group, name = key.split('.')
+        if name not in cfg[group]:
+            cfg[group][name] = value
+    return cfg

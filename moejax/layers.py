@@ -4,11 +4,17 @@ Parameters are float32 and carry logical axis names (see sharding.py); matmuls r
 model dtype. Attention is segment-aware: packed documents never attend to each other, and
 rotary positions restart with each document.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
+
+# Parameters carry logical names as metadata only; shardings are applied by jit (see train.py).
+# Set here too (model.py does the same) so building a layer or MoE block alone works.
+nnx.use_eager_sharding(False)
 
 
 def param(rngs: nnx.Rngs, shape, logical, fan_in: int, scale: float = 1.0) -> nnx.Param:
@@ -58,6 +64,12 @@ def attention_mask(segment_ids_BT, causal: bool = True):
     return mask[:, None]
 
 
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer for cached decoding: [B, S (max length), KV, K]."""
+    k_BSHK: jax.Array
+    v_BSHK: jax.Array
+
+
 class Attention(nnx.Module):
     """Multi-head causal self-attention with rotary positions and grouped-query K/V."""
 
@@ -90,6 +102,29 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, segment_ids_BT, positions_BT):
         q, k, v = self.project_qkv(x_BTD, positions_BT)
         return self.attend(q, k, v, attention_mask(segment_ids_BT))
+
+    def empty_cache(self, batch: int, max_len: int, dtype) -> KVCache:
+        shape = (batch, max_len, self.wk_DHK.shape[1], self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def cached(self, x_BTD, cache: KVCache, start):
+        """Attention for T new tokens at positions start..start+T-1 (one document per row).
+
+        Their keys/values are written into the cache at those positions, and each token attends
+        to every cached position up to its own: prefill is T = prompt length at start 0, decoding
+        is T = 1. Positions past the current one are masked, so stale cache slots never matter.
+        """
+        B, T, _ = x_BTD.shape
+        positions_T = start + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self.project_qkv(x_BTD, jnp.broadcast_to(positions_T, (B, T)))
+        write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, new.astype(buf.dtype), start, axis=1)
+        cache = KVCache(write(cache.k_BSHK, k), write(cache.v_BSHK, v))
+        S = cache.k_BSHK.shape[1]
+        mask_11TS = (jnp.arange(S)[None, :] <= positions_T[:, None])[None, None]
+        out_BTD = self.attend(q, cache.k_BSHK.astype(q.dtype), cache.v_BSHK.astype(q.dtype),
+                              mask_11TS)
+        return out_BTD, cache
 
 
 def activate(h_F, gate_F, kind: str):

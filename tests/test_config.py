@@ -1,4 +1,6 @@
 """Config validation: each bad value is caught before compiling, naming the key."""
+import json
+
 import pytest
 
 from moejax import config as config_lib
@@ -38,6 +40,7 @@ def test_bad_value_names_key_and_remedy(key, value, message):
     (dict(data=-1, expert=-1), 'mesh.expert'),  # two free axes
     (dict(data=1, expert=8), 'moe.num_experts'),  # 4 experts over 8 expert shards
     (dict(data=-1, tensor=8), 'model.num_heads'),
+    (dict(data=-1, tensor=2), 'data.vocab_size'),  # tiny's byte vocab 259 is odd
 ])
 def test_bad_mesh(mesh, key):
     cfg = tiny_config()
@@ -66,3 +69,14 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     path.write_text('x')
     with pytest.raises(ConfigError, match='not a directory'):
         config_lib.check_workdir(str(path))
+
+
+def test_saved_config_from_before_a_key_existed_still_loads(tmp_path):
+    cfg = tiny_config()
+    config_lib.save_json(cfg, str(tmp_path))
+    saved = json.loads((tmp_path / 'config.json').read_text())
+    del saved['model']['remat']
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    loaded = config_lib.from_json(str(tmp_path / 'config.json'))
+    assert loaded.model.remat == 'none'
+    config_lib.validate(loaded, num_devices=8)

@@ -44,7 +44,9 @@ def plan_via_cli(*args, timeout=900):
 def test_mixtral_dry_run_on_64_simulated_devices():
     layers = 4
     result = plan_via_cli('--config=configs/mixtral_8x7b.py', '--simulated_devices=64',
-                          f'--config.model.num_layers={layers}')
+                          f'--config.model.num_layers={layers}',
+                          # The layout (the recipe itself uses fsdp to fit memory).
+                          '--config.mesh.data=-1', '--config.mesh.fsdp=1')
     cfg = mixtral_8x7b.get_config()
     cfg.model.num_layers = layers
     counts = model_lib.param_counts(cfg)
