@@ -192,3 +192,54 @@ def eval_main(argv=None):
         result = train.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step)
         print(json.dumps(result), flush=True)
     _run(evaluate)
+
+
+def _parse_run_flags(argv) -> None:
+    """Flags of the commands that read a finished run (generate, analyze): no config needed."""
+    try:
+        extra = FLAGS(argv)[1:]
+    except flags.Error as err:
+        _usage_error(str(err).splitlines()[0])
+    if extra:
+        _usage_error(f'unexpected arguments: {extra}')
+    if not FLAGS.workdir:
+        _usage_error('--workdir is required: the directory of a training run')
+
+
+def generate_main(argv=None):
+    flags.DEFINE_string('workdir', None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_string('prompt', '', 'Text to continue (the model sees bos + its tokens).')
+    flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate (prompt + these <= max_len).')
+    flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
+    flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = all.')
+    flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
+    flags.DEFINE_integer('num_samples', 1, 'Independent continuations of the prompt.')
+    flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+    _parse_run_flags(argv or sys.argv)
+
+    def generate():
+        from moejax import sampling
+        loaded = sampling.load(FLAGS.workdir, FLAGS.step)
+        texts = sampling.generate_text(loaded, FLAGS.prompt, FLAGS.max_new_tokens,
+                                       temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                       seed=FLAGS.seed, num_samples=FLAGS.num_samples)
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f'--- sample {i} (step {loaded.step}) ---')
+            print(FLAGS.prompt + text, flush=True)
+    _run(generate)
+
+
+def analyze_main(argv=None):
+    flags.DEFINE_string('workdir', None, "A training run's directory (metrics.jsonl, checkpoints/).")
+    flags.DEFINE_string('text', None, "Text whose tokens' experts to plot (needs a checkpoint).")
+    flags.DEFINE_integer('step', None, 'Checkpoint step for --text; default: the latest.')
+    flags.DEFINE_string('out_dir', None, 'Where the PNGs go; default: WORKDIR/plots.')
+    _parse_run_flags(argv or sys.argv)
+
+    def analyze():
+        from moejax import analysis
+        paths = analysis.analyze(FLAGS.workdir, text=FLAGS.text, step=FLAGS.step,
+                                 out_dir=FLAGS.out_dir)
+        print(json.dumps(paths), flush=True)
+    _run(analyze)
