@@ -1,0 +1,181 @@
+"""Train-step speed of an MoE config against its dense counterpart: step time, tokens/s, MFU.
+
+COMMAND: python benchmarks/train_step.py [--config=configs/default.py]
+             [--dense=configs/default.py:dense] [--engines=sort,dropless,einsum] [--steps=10]
+GPU:     python benchmarks/train_step.py --config=configs/moe_1b.py --dense=configs/moe_1b.py:dense
+Each model runs the real jitted train_step (moejax.train) on synthetic batches (uniform random
+token ids, one document per row; no data pipeline). After warm-up, the models take turns step
+by step, and each round also times a large matmul in the model dtype: its FLOP/s is the
+measured peak (peak_flops_measured). MFU counts model FLOPs the way MaxText does:
+6 x active matmul params per token + attention (moejax.model.flops_per_token).
+Prints one JSON line and saves it to benchmarks/results/train_step_<backend>.json.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # configs/ import each other as `configs.*`
+
+from moejax import config as config_lib  # noqa: E402
+from moejax import mesh as mesh_lib  # noqa: E402
+from moejax import metrics as metrics_lib  # noqa: E402
+from moejax import model as model_lib  # noqa: E402
+from moejax import train  # noqa: E402
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def machine() -> str:
+    """The CPU model and core count (the accelerator is in `device`)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f'{name}, {os.cpu_count()} cores'
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--config', default='configs/default.py')
+    p.add_argument('--dense', default=None, help='dense counterpart (default: CONFIG:dense)')
+    p.add_argument('--engines', default='', help='MoE dispatch engines (default: the config\'s)')
+    p.add_argument('--steps', type=int, default=10, help='timed rounds, one step per model each')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps per model (1 compiles)')
+    p.add_argument('--batch_size', type=int, default=0, help='override data.batch_size')
+    p.add_argument('--peak_n', type=int, default=0, help='matmul size for the peak (0: auto)')
+    p.add_argument('--out', default=None)
+    return p.parse_args()
+
+
+def load_config(spec: str):
+    """get_config(variant) from PATH[:VARIANT]."""
+    path, _, variant = spec.partition(':')
+    module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None)
+
+
+def synthetic_batch(cfg, seed: int) -> dict:
+    b, t, v = cfg.data.batch_size, cfg.data.seq_len, cfg.data.vocab_size
+    tokens = np.random.default_rng(seed).integers(0, v, (b, t + 1), dtype=np.int32)
+    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+            'segment_ids': np.ones((b, t), np.int32),
+            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+class Model:
+    """One config's jitted train step, its state and a fixed batch."""
+
+    def __init__(self, cfg):
+        config_lib.validate(cfg, jax.device_count())
+        self.cfg = cfg
+        self.setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+        self.state = train.init_state(self.setup, cfg.train.seed)
+        self.step_fn, _ = train.compile_steps(self.setup)
+        self.batch = train.global_batch(self.setup, synthetic_batch(cfg, 0))
+        self.tokens = cfg.data.batch_size * cfg.data.seq_len
+
+    def step(self) -> float:
+        """One train step; returns its wall time in seconds."""
+        t0 = time.perf_counter()
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - t0
+
+
+def matmul_flops(n: int, dtype):
+    """A jitted n x n x n matmul and its FLOPs: the measured peak of this machine."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    fn = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(fn(a, b))
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(a, b))
+        return 2 * n ** 3 / (time.perf_counter() - t0)
+    return run
+
+
+def main():
+    a = parse_args()
+    moe_cfg = load_config(a.config)
+    dense_cfg = load_config(a.dense or f'{a.config.partition(":")[0]}:dense')
+    cfgs = {}
+    for engine in [e for e in a.engines.split(',') if e] or [moe_cfg.moe.dispatch]:
+        cfg = load_config(a.config)
+        cfg.moe.dispatch = engine
+        cfgs[f'moe_{engine}'] = cfg
+    cfgs['dense'] = dense_cfg
+    for cfg in cfgs.values():
+        if a.batch_size:
+            cfg.data.batch_size = a.batch_size
+    models = {name: Model(cfg) for name, cfg in cfgs.items()}
+    for model in models.values():
+        for _ in range(a.warmup):
+            model.step()
+    dtype = DTYPES[moe_cfg.model.dtype]
+    peak = matmul_flops(a.peak_n or (2048 if jax.default_backend() == 'cpu' else 8192), dtype)
+    peak()
+    times, peaks = {name: [] for name in models}, []
+    names = list(models)
+    for r in range(a.steps):
+        peaks.append(peak())
+        for name in (names if r % 2 else names[::-1]):
+            times[name].append(models[name].step())
+    line = json.dumps(report(a, models, times, peaks))
+    print(line, flush=True)
+    out = a.out or os.path.join(REPO, 'benchmarks', 'results',
+                                f'train_step_{jax.default_backend()}.json')
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+        f.write(line + '\n')
+
+
+def report(a, models, times, peaks) -> dict:
+    """step_ms, tokens/s and MFU (vs the measured peak; vs the chip's spec where known)."""
+    device = jax.devices()[0]
+    spec_peak = metrics_lib.peak_flops(device)
+    out = {'benchmark': 'train_step', 'backend': jax.default_backend(),
+           'device': device.device_kind, 'num_devices': jax.device_count(),
+           'machine': machine(),
+           'jax': jax.__version__, 'config': os.path.relpath(a.config, REPO), 'data': 'synthetic uniform token ids',
+           'timed_steps': a.steps,
+           'peak_flops_measured': round(statistics.median(peaks), -6),
+           'peak_flops_spec': spec_peak, 'models': {}}
+    for name, model in models.items():
+        cfg = model.cfg
+        counts = model_lib.param_counts(cfg)
+        fpt = model_lib.flops_per_token(cfg)
+        step_s = statistics.median(times[name])
+        mfu_r = [fpt * model.tokens / t / p for t, p in zip(times[name], peaks)]
+        entry = {'dispatch': cfg.moe.dispatch if cfg.model.moe_every else None,
+                 'dtype': cfg.model.dtype, 'batch_tokens': model.tokens,
+                 'params': counts['params'], 'active_params': counts['active_params'],
+                 'flops_per_token': fpt, 'step_ms': round(1e3 * step_s, 2),
+                 'tokens_per_sec': round(model.tokens / step_s, 1),
+                 'mfu': round(statistics.median(mfu_r), 4)}
+        if spec_peak:
+            entry['mfu_vs_spec'] = round(fpt * model.tokens / step_s / (spec_peak *
+                                                                        jax.device_count()), 4)
+        out['models'][name] = entry
+    out['step_ratio_vs_dense'] = {
+        name: round(statistics.median(t / d for t, d in zip(times[name], times['dense'])), 3)
+        for name in models if name != 'dense'}
+    return out
+
+
+if __name__ == '__main__':
+    main()
