@@ -8,25 +8,16 @@ Next to it, `train_tokens_per_sec` is what the config's train step consumes on t
 """
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import time
 
 import numpy as np
 
+import common  # puts the repository on sys.path
 from moejax import data
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'default.py')
-
-
-def load_config(spec: str):
-    """get_config(variant) from a config file given as PATH[:VARIANT]."""
-    path, _, variant = spec.partition(':')
-    module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
 
 
 def apply_overrides(cfg, overrides: list[str]) -> None:
@@ -47,7 +38,7 @@ def main():
     parser.add_argument('--num_batches', type=int, default=500)
     parser.add_argument('--train_steps', type=int, default=10, help='0 skips the train side')
     args, overrides = parser.parse_known_args()
-    cfg = load_config(args.config)
+    cfg = common.load_config(args.config)
     apply_overrides(cfg, overrides)
 
     start = time.perf_counter()

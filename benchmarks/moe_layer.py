@@ -12,29 +12,17 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # puts the repository on sys.path
 from moejax import dispatch, grouped, routing  # noqa: E402
 
 ALT = 'dropless_ragged_dot' if jax.default_backend() == 'cpu' else 'dropless_block_loops'
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
-
-
-def machine() -> str:
-    """The CPU model and core count (the accelerator is in `device`)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f'{name}, {os.cpu_count()} cores'
 
 
 def parse_args():
@@ -162,7 +150,7 @@ def main():
     result = {
         'benchmark': 'moe_layer', 'backend': jax.default_backend(),
         'device': jax.devices()[0].device_kind, 'cpu_count': os.cpu_count(),
-        'machine': machine(), 'jax': jax.__version__,
+        'machine': common.machine(), 'jax': jax.__version__,
         'shapes': {'tokens': T, 'd_model': a.d_model, 'd_ff': a.d_ff, 'experts': a.experts,
                    'top_k': a.top_k, 'capacity_factor': a.capacity_factor,
                    'group_size': min(a.group_size or T, T),

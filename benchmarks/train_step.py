@@ -11,38 +11,25 @@ measured peak (peak_flops_measured). MFU counts model FLOPs the way MaxText does
 Prints one JSON line and saves it to benchmarks/results/train_step_<backend>.json.
 """
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # configs/ import each other as `configs.*`
-
+import common  # puts the repository on sys.path
 from moejax import config as config_lib  # noqa: E402
 from moejax import mesh as mesh_lib  # noqa: E402
 from moejax import metrics as metrics_lib  # noqa: E402
 from moejax import model as model_lib  # noqa: E402
 from moejax import train  # noqa: E402
 
+REPO = common.REPO
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def machine() -> str:
-    """The CPU model and core count (the accelerator is in `device`)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f'{name}, {os.cpu_count()} cores'
 
 
 def parse_args():
@@ -56,15 +43,6 @@ def parse_args():
     p.add_argument('--peak_n', type=int, default=0, help='matmul size for the peak (0: auto)')
     p.add_argument('--out', default=None)
     return p.parse_args()
-
-
-def load_config(spec: str):
-    """get_config(variant) from PATH[:VARIANT]."""
-    path, _, variant = spec.partition(':')
-    module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
 
 
 def synthetic_batch(cfg, seed: int) -> dict:
@@ -111,11 +89,11 @@ def matmul_flops(n: int, dtype):
 
 def main():
     a = parse_args()
-    moe_cfg = load_config(a.config)
-    dense_cfg = load_config(a.dense or f'{a.config.partition(":")[0]}:dense')
+    moe_cfg = common.load_config(a.config)
+    dense_cfg = common.load_config(a.dense or f'{a.config.partition(":")[0]}:dense')
     cfgs = {}
     for engine in [e for e in a.engines.split(',') if e] or [moe_cfg.moe.dispatch]:
-        cfg = load_config(a.config)
+        cfg = common.load_config(a.config)
         cfg.moe.dispatch = engine
         cfgs[f'moe_{engine}'] = cfg
     cfgs['dense'] = dense_cfg
@@ -150,8 +128,9 @@ def report(a, models, times, peaks) -> dict:
     spec_peak = metrics_lib.peak_flops(device)
     out = {'benchmark': 'train_step', 'backend': jax.default_backend(),
            'device': device.device_kind, 'num_devices': jax.device_count(),
-           'machine': machine(),
-           'jax': jax.__version__, 'config': os.path.relpath(a.config, REPO), 'data': 'synthetic uniform token ids',
+           'machine': common.machine(),
+           'jax': jax.__version__, 'config': os.path.relpath(a.config, REPO),
+           'data': 'synthetic uniform token ids',
            'timed_steps': a.steps,
            'peak_flops_measured': round(statistics.median(peaks), -6),
            'peak_flops_spec': spec_peak, 'models': {}}
