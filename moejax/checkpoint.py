@@ -19,6 +19,8 @@ import zlib
 import jax
 import orbax.checkpoint as ocp
 
+from moejax.errors import ConfigError
+
 DIGEST = 'moejax_digest.json'
 # Rewritten by Orbax after the digest is taken, and not needed to restore: left out of it.
 UNDIGESTED = (DIGEST, '_CHECKPOINT_METADATA')
@@ -139,6 +141,18 @@ class Checkpointer:
                 print(f'WARNING: checkpoint {s} could not be restored ({_one_line(err)}); '
                       f'{where}, trying the previous one', file=sys.stderr, flush=True)
         return None
+
+    def read(self, abstract_state, step: int | None = None):
+        """(state, step) of a saved step (default: the newest restorable) for a reader of a run;
+        a step that was never saved, or no restorable checkpoint, is a ConfigError."""
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise ConfigError('--step', step, f'no such checkpoint; saved steps: {steps}')
+        restored = self.restore(abstract_state, step)
+        if restored is None:
+            raise ConfigError('--workdir', self.workdir, 'holds no restorable checkpoint')
+        state, _, saved_step = restored
+        return state, saved_step
 
     def _restore(self, abstract_state, step: int):
         verify_digest(os.path.join(self.directory, str(step)))

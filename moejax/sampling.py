@@ -112,17 +112,12 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     cfg = config_lib.from_json(config_path)
     config_lib.validate(cfg, jax.device_count())
     setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints)
+    # Read-only: loading from a live run's directory never moves or deletes anything there.
+    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints, read_only=True)
     try:
-        steps = checkpointer.steps()
-        if step is not None and step not in steps:
-            raise ConfigError('--step', step, f'no such checkpoint; saved steps: {steps}')
-        restored = checkpointer.restore(setup.abstract_state, step)
+        state, saved_step = checkpointer.read(setup.abstract_state, step)
     finally:
         checkpointer.close()
-    if restored is None:
-        raise ConfigError('--workdir', workdir, 'holds no restorable checkpoint')
-    state, _, saved_step = restored
     model = nnx.merge(setup.graphdef, state.params, state.extra)
     return Loaded(cfg, model, data_lib.get_tokenizer(cfg, workdir), saved_step)
 

@@ -92,15 +92,19 @@ def init_state(setup: Setup, seed: int) -> TrainState:
         return jax.jit(init, out_shardings=setup.state_shardings)(seed)
 
 
-def loss_and_metrics(logits_BTV, batch, stats, moe_cfg, num_tokens):
-    """Token-summed NLL / num_tokens plus the weighted balance and z losses."""
+def loss_parts(logits_BTV, batch, stats, num_tokens) -> dict:
+    """Token-summed NLL / num_tokens, and the balance and z losses summed over MoE layers."""
     weights_BT = (batch['segment_ids'] > 0).astype(jnp.float32)
     nll = jnp.sum(evaluate_lib.token_nll(logits_BTV, batch['targets']) * weights_BT)
-    ce = nll / num_tokens
     aux = jnp.sum(stats['aux_loss']) if stats else 0.0
     z = jnp.sum(stats['z_loss']) if stats else 0.0
-    loss = ce + moe_cfg.aux_loss_weight * aux + moe_cfg.z_loss_weight * z
-    return loss, {'ce_loss': ce, 'aux_loss': aux, 'z_loss': z}
+    return {'ce_loss': nll / num_tokens, 'aux_loss': aux, 'z_loss': z}
+
+
+def total_loss(parts: dict, moe_cfg):
+    """The training objective: CE plus the weighted balance and z losses."""
+    return (parts['ce_loss'] + moe_cfg.aux_loss_weight * parts['aux_loss']
+            + moe_cfg.z_loss_weight * parts['z_loss'])
 
 
 def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
@@ -114,13 +118,11 @@ def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
         model = nnx.merge(setup.graphdef, params, state.extra)
         logits, stats = model(batch['inputs'], batch['segment_ids'], batch['positions'],
                               train=True, rng=rng)
-        _, parts = loss_and_metrics(logits, batch, stats, setup.cfg.moe, num_tokens)
+        parts = loss_parts(logits, batch, stats, num_tokens)
         parts = dict(parts, aux_loss=share['groups'] * parts['aux_loss'],
                      z_loss=share['tokens'] * parts['z_loss'])
-        moe = setup.cfg.moe
-        loss = parts['ce_loss'] + moe.aux_loss_weight * parts['aux_loss'] \
-            + moe.z_loss_weight * parts['z_loss']
-        return loss, (parts, jax.tree.map(lambda x: share['tokens'] * x, stats))
+        stats = jax.tree.map(lambda x: share['tokens'] * x, stats)
+        return total_loss(parts, setup.cfg.moe), (parts, stats)
     return jax.grad(loss_fn, has_aux=True)(state.params)
 
 
@@ -161,8 +163,7 @@ def apply_gradients(setup, state, grads, parts, stats, num_tokens):
     """Optimizer update, skipped (and counted) when the loss or a gradient is not finite."""
     cfg = setup.cfg
     grad_norm = optax.tree.norm(grads)
-    loss = parts['ce_loss'] + cfg.moe.aux_loss_weight * parts['aux_loss'] \
-        + cfg.moe.z_loss_weight * parts['z_loss']
+    loss = total_loss(parts, cfg.moe)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -344,8 +345,8 @@ def train_steps(run: Run, stop: StopSignal) -> dict:
     if stop.agreed():
         print(f'Stop requested before step {start + 1}; nothing new to save; exiting.', flush=True)
         return last
-    for step in range(start, t.num_steps):
-        state, metrics = run.train_step(state, global_batch(run.setup, train_data[step]))
+    for step, host_batch in zip(range(start, t.num_steps), train_data.iterate(start)):
+        state, metrics = run.train_step(state, global_batch(run.setup, host_batch))
         done = step + 1
         skips.update(int(metrics['skipped']))
         meter.step(metrics['tokens'])
@@ -423,13 +424,7 @@ def evaluate_checkpoint(cfg, workdir: str, split: str, step: int | None = None) 
     if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
         raise ConfigError('--workdir', workdir, 'holds no checkpoints/ to evaluate; train first')
     run = prepare(cfg, workdir, for_training=False)
-    steps = run.checkpointer.steps()
-    if step is not None and step not in steps:
-        raise ConfigError('--step', step, f'no such checkpoint; saved steps: {steps}')
-    restored = run.checkpointer.restore(run.setup.abstract_state, step)
-    if restored is None:
-        raise ConfigError('--workdir', workdir, 'holds no restorable checkpoint')
-    state, _, saved_step = restored
+    state, saved_step = run.checkpointer.read(run.setup.abstract_state, step)
     result = run_eval(run, state, load_eval_batches(run, split))
     result = {'step': saved_step, 'split': split, **result}
     if jax.process_index() == 0:
