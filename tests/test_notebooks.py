@@ -41,7 +41,7 @@ def kernel_env(tmp_path_factory):
 
 def test_the_notebooks_exist():
     assert {'moe_layer_walkthrough.ipynb', 'train_and_inspect.ipynb',
-            'classic_mixture_1d.ipynb'} <= set(NOTEBOOKS)
+            'classic_mixture_1d.ipynb', 'classic_mixture_em.ipynb'} <= set(NOTEBOOKS)
 
 
 @pytest.mark.slow
