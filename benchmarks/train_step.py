@@ -2,12 +2,16 @@
 
 COMMAND: python benchmarks/train_step.py [--config=configs/default.py]
              [--dense=configs/default.py:dense] [--engines=sort,dropless,einsum] [--steps=10]
+             [--grouped_matmul=auto]
 GPU:     python benchmarks/train_step.py --config=configs/moe_1b.py --dense=configs/moe_1b.py:dense
 Each model runs the real jitted train_step (moejax.train) on synthetic batches (uniform random
 token ids, one document per row; no data pipeline). After warm-up, the models take turns step
 by step, and each round also times a large matmul in the model dtype: its FLOP/s is the
-measured peak (peak_flops_measured). MFU counts model FLOPs the way MaxText does:
-6 x active matmul params per token + attention (moejax.model.flops_per_token).
+measured peak (peak_flops_measured). Model FLOPs are counted the way MaxText does: 6 x active
+matmul params per token + causal attention at half (moejax.model.flops_per_token); `tflops` is
+their rate, `mfu` divides it by the measured peak, `mfu_vs_spec` by the chip's spec sheet
+(bf16: H100/H200 989, A100 312, TPU v5p 459, v5e 197 TFLOP/s) where the chip is known.
+On a GPU the run sets MaxText's XLA flags first (moejax.xla_flags), as the train command does.
 Prints one JSON line and saves it to benchmarks/results/train_step_<backend>.json.
 """
 import argparse
@@ -41,6 +45,8 @@ def parse_args():
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per model (1 compiles)')
     p.add_argument('--batch_size', type=int, default=0, help='override data.batch_size')
     p.add_argument('--peak_n', type=int, default=0, help='matmul size for the peak (0: auto)')
+    p.add_argument('--grouped_matmul', default='',
+                   help="moe.grouped_matmul for the MoE models (default: the config's)")
     p.add_argument('--out', default=None)
     return p.parse_args()
 
@@ -73,28 +79,16 @@ class Model:
         return time.perf_counter() - t0
 
 
-def matmul_flops(n: int, dtype):
-    """A jitted n x n x n matmul and its FLOPs: the measured peak of this machine."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    fn = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(fn(a, b))
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(a, b))
-        return 2 * n ** 3 / (time.perf_counter() - t0)
-    return run
-
-
 def main():
     a = parse_args()
+    common.gpu_flags()
     moe_cfg = common.load_config(a.config)
     dense_cfg = common.load_config(a.dense or f'{a.config.partition(":")[0]}:dense')
     cfgs = {}
     for engine in [e for e in a.engines.split(',') if e] or [moe_cfg.moe.dispatch]:
         cfg = common.load_config(a.config)
         cfg.moe.dispatch = engine
+        cfg.moe.grouped_matmul = a.grouped_matmul or cfg.moe.grouped_matmul
         cfgs[f'moe_{engine}'] = cfg
     cfgs['dense'] = dense_cfg
     for cfg in cfgs.values():
@@ -105,7 +99,7 @@ def main():
         for _ in range(a.warmup):
             model.step()
     dtype = DTYPES[moe_cfg.model.dtype]
-    peak = matmul_flops(a.peak_n or (2048 if jax.default_backend() == 'cpu' else 8192), dtype)
+    peak = common.matmul_peak(dtype, a.peak_n)
     peak()
     times, peaks = {name: [] for name in models}, []
     names = list(models)
@@ -141,10 +135,12 @@ def report(a, models, times, peaks) -> dict:
         step_s = statistics.median(times[name])
         mfu_r = [fpt * model.tokens / t / p for t, p in zip(times[name], peaks)]
         entry = {'dispatch': cfg.moe.dispatch if cfg.model.moe_every else None,
+                 'grouped_matmul': cfg.moe.grouped_matmul if cfg.model.moe_every else None,
                  'dtype': cfg.model.dtype, 'batch_tokens': model.tokens,
                  'params': counts['params'], 'active_params': counts['active_params'],
                  'flops_per_token': fpt, 'step_ms': round(1e3 * step_s, 2),
                  'tokens_per_sec': round(model.tokens / step_s, 1),
+                 'tflops': round(fpt * model.tokens / step_s / 1e12 / jax.device_count(), 4),
                  'mfu': round(statistics.median(mfu_r), 4)}
         if spec_peak:
             entry['mfu_vs_spec'] = round(fpt * model.tokens / step_s / (spec_peak *

@@ -25,15 +25,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import dispatch, sharding
+from moejax import dispatch, experts, sharding
 from moejax.routing import Routing
 
 EXPERT_AXIS = 'expert'
 
 
 def applies(moe_cfg, route: Routing) -> bool:
-    """The all_to_all path runs for comm='all_to_all' on a mesh whose expert axis is > 1."""
-    if moe_cfg.comm != 'all_to_all' or route.gate_GSE is not None:
+    """The all_to_all path runs on a mesh whose expert axis is > 1 for comm='all_to_all', and
+    for dropless under any comm: GSPMD cannot shard a ragged grouped matmul by expert, so it
+    would gather every expert's weights to each device (2.7 TB for Mixtral) instead of moving
+    the tokens."""
+    if moe_cfg.comm != 'all_to_all' and moe_cfg.dispatch != 'dropless':
+        return False
+    if route.gate_GSE is not None:
         return False
     mesh = jax.sharding.get_abstract_mesh()
     return (not mesh.empty and not mesh.manual_axes
@@ -48,7 +53,8 @@ def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
 
 
 def dispatch_combine(x_GSD, mask_GS, route: Routing, w: dispatch.ExpertWeights, *,
-                     engine: str, capacity: int) -> tuple[jax.Array, jax.Array]:
+                     engine: str, capacity: int,
+                     grouped_matmul: str = 'auto') -> tuple[jax.Array, jax.Array]:
     """dispatch.dispatch_combine's result, computed with explicit all_to_all over 'expert'."""
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = _mesh_axes(mesh, 'batch')
@@ -67,10 +73,11 @@ def dispatch_combine(x_GSD, mask_GS, route: Routing, w: dispatch.ExpertWeights, 
     k = route.expert_GSK.shape[-1] if route.expert_GSK is not None else 1
 
     def local(x_gSD, mask_gS, route_g, w_local):
-        experts = functools.partial(_exchange_and_run, tensor_axes=tensor_axes)
+        experts = functools.partial(_exchange_and_run, tensor_axes=tensor_axes,
+                                    backend=grouped_matmul)
         y_gSD, dropped = dispatch.dispatch_combine(
             x_gSD, mask_gS, route_g, w_local, engine=engine, capacity=capacity,
-            experts=experts, num_experts=num_experts)
+            experts=experts, num_experts=num_experts, grouped_matmul=grouped_matmul)
         # Global fraction = sum of dropped assignments / sum of routed ones (not a mean of means).
         routed = jnp.sum(mask_gS.astype(jnp.float32)) * k
         totals = jax.lax.psum(jnp.stack([dropped * routed, routed]), batch_axes)
@@ -87,23 +94,19 @@ def dispatch_combine(x_GSD, mask_GS, route: Routing, w: dispatch.ExpertWeights, 
                          out_specs=(groups, P()))(x_GSD, mask_GS, route, w)
 
 
-def _exchange_and_run(w_local: dispatch.ExpertWeights, x_gECD, *, tensor_axes):
+def _exchange_and_run(w_local: dispatch.ExpertWeights, x_gECD, *, tensor_axes, backend):
     """The `experts` step inside shard_map: send slots to their experts' devices, run, return."""
     x_nLCD = jax.lax.all_to_all(x_gECD, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
-    y_nLCD = _local_experts(w_local, x_nLCD)  # the E/n local experts (L)
+    y_nLCD = _local_experts(w_local, x_nLCD, backend)  # the E/n local experts (L)
     if tensor_axes:  # F split over 'tensor': each shard holds a partial sum of w_out
         y_nLCD = jax.lax.psum(y_nLCD, tensor_axes)
     return jax.lax.all_to_all(y_nLCD, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
 
 
-def _local_experts(w: dispatch.ExpertWeights, x_nLCD):
-    """dispatch.expert_ffn's math (act(x @ w_in) [* (x @ w_gate)] @ w_out) as plain batched
-    einsums, expert dim leading. Not dispatch's own FFN: on CPU that runs loops whose carries
-    are not typed for shard_map's manual axes (it errors inside this shard_map)."""
+def _local_experts(w: dispatch.ExpertWeights, x_nLCD, backend):
+    """The local experts' FFN (moejax.experts, as on the GSPMD path) on the slots that all n
+    devices of the expert row sent them, expert dim leading."""
     n, l, c, d = x_nLCD.shape
     x_LMD = jnp.swapaxes(x_nLCD, 0, 1).reshape(l, n * c, d)
-    mm = lambda a, w_L: jnp.einsum('lmi,lio->lmo', a, w_L.astype(a.dtype))
-    h_LMF = mm(x_LMD, w.w_in_EDF)
-    h_LMF = (jax.nn.gelu(h_LMF) if w.w_gate_EDF is None
-             else jax.nn.silu(h_LMF) * mm(x_LMD, w.w_gate_EDF))
-    return jnp.swapaxes(mm(h_LMF, w.w_out_EFD).reshape(l, n, c, d), 0, 1)
+    y_LMD = experts.expert_ffn(w, x_LMD, backend)
+    return jnp.swapaxes(y_LMD.reshape(l, n, c, d), 0, 1)

@@ -1,13 +1,13 @@
-"""Grouped expert FFNs and row gathers: dispatch without one-hot tensors or scatter-adds.
+"""Sorted row layouts, row gathers, and the CPU grouped FFN: dispatch without one-hot tensors.
 
 The dropless engine sorts (token, choice) pairs by expert into a layout where each expert's
-rows are one contiguous group, runs each expert's FFN on its group, and gathers the results
-back. On GPU/TPU the grouped matmuls are jax.lax.ragged_dot on the plain sorted layout. On CPU
-ragged_dot is slow (~8x the dense time here: it does every expert's work on every row), so
-there each group is padded to a multiple of a small block and the FFN runs as loops over experts
-and their blocks (big blocks, then small ones for each group's tail): per block
-gelu(x @ w_in[e]) @ w_out[e] with the expert's weights sliced once, and a custom backward
-that does the same per block. That is ~1x the dense work at the speed of a dense matmul.
+rows are one contiguous group, runs each expert's FFN on its group (moejax.experts picks the
+grouped matmul), and gathers the results back. On CPU jax.lax.ragged_dot is slow (~8x the dense
+time here: it does every expert's work on every row), so there each group is padded to a
+multiple of a small block and the FFN runs as loops over experts and their blocks (big blocks,
+then small ones for each group's tail), with the expert's weights sliced once, and a custom
+backward that does the same per block. That is ~1x the dense work at the speed of a dense
+matmul. The activation is passed in (moejax.experts.activate), so the convention lives there.
 
 Row permutations (tokens -> layout rows, layout rows -> pairs) are gathers whose gradients are
 again gathers, by the inverse map.
@@ -25,20 +25,22 @@ CPU_BLOCKS = (512, 128, 32)
 MIN_BLOCK = 8  # capacity buffers whose size is not a multiple of this use einsums instead
 
 
-def ffn_blocks(rows_multiple: int | None = None, *, partitioned_ok: bool = True):
-    """Block sizes for grouped_ffn on this backend; None means ragged_dot / einsums.
+def partitioned() -> bool:
+    """Whether GSPMD partitions the computation being traced over more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return any(mesh.shape[a] > 1 and a not in mesh.manual_axes for a in mesh.axis_names)
 
-    None off CPU. rows_multiple: every group's size is a multiple of it (capacity buffers), so
-    the smallest block is the largest power of two <= CPU_BLOCKS[-1] that divides it (None if
-    under MIN_BLOCK). partitioned_ok=False: None when GSPMD partitions the computation over
-    devices (a loop over experts would gather sharded expert weights; einsums split cleanly).
+
+def ffn_blocks(rows_multiple: int | None = None, *, partitioned_ok: bool = True):
+    """Block sizes for blocked_ffn; None means einsums instead.
+
+    rows_multiple: every group's size is a multiple of it (capacity buffers), so the smallest
+    block is the largest power of two <= CPU_BLOCKS[-1] that divides it (None if under
+    MIN_BLOCK). partitioned_ok=False: None when GSPMD partitions the computation over devices
+    (a loop over experts would gather sharded expert weights; einsums split cleanly).
     """
-    if jax.default_backend() != 'cpu':
+    if not partitioned_ok and partitioned():
         return None
-    if not partitioned_ok:
-        mesh = jax.sharding.get_abstract_mesh()
-        if any(mesh.shape[a] > 1 and a not in mesh.manual_axes for a in mesh.axis_names):
-            return None
     if rows_multiple is None:
         return CPU_BLOCKS
     last = CPU_BLOCKS[-1]
@@ -121,29 +123,21 @@ def _gather_rows_bwd(res, dy_RD):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-# ---- grouped FFN ----------------------------------------------------------------------------
+# ---- grouped FFN by block loops --------------------------------------------------------------
 
-def _activate(h, g):
-    """GELU (tanh form), or SwiGLU silu(h) * g when a gate projection exists (as dispatch._ffn)."""
-    return jax.nn.gelu(h) if g is None else jax.nn.silu(h) * g
-
-
-def grouped_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks):
+def blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate):
     """Expert e's FFN on the rows of group e (groups are consecutive); rows past them give 0.
 
-    blocks=None: jax.lax.ragged_dot for each matmul. Else a descending tuple of block sizes,
-    each dividing the one before; every group size must be a multiple of the last (a padded
-    layout), and each group runs as blocks of the largest size that fits, then smaller ones.
+    blocks: a descending tuple of block sizes, each dividing the one before; every group size
+    must be a multiple of the last (a padded layout), and each group runs as blocks of the
+    largest size that fits, then smaller ones. activate(h_in, h_gate) is the FFN's activation
+    (h_gate None without a gate). Weights must already be in x's dtype.
     """
-    dt = x_MD.dtype
-    w_in_EDF, w_out_EFD = w_in_EDF.astype(dt), w_out_EFD.astype(dt)
-    w_gate_EDF = None if w_gate_EDF is None else w_gate_EDF.astype(dt)
-    if blocks is None:
-        mm = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E)
-        g = None if w_gate_EDF is None else mm(x_MD, w_gate_EDF)
-        return mm(_activate(mm(x_MD, w_in_EDF), g), w_out_EFD)
     blocks = tuple(b for b in blocks[:-1] if b <= x_MD.shape[0]) + tuple(blocks[-1:])
-    return _blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks)
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        x_MD, w_in_EDF, w_gate_EDF, w_out_EFD = _vary_alike(x_MD, w_in_EDF, w_gate_EDF,
+                                                            w_out_EFD)
+    return _blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate)
 
 
 def _expert_loop(group_sizes_E, expert_fn, carry):
@@ -177,29 +171,41 @@ def _mm_t(a, b):
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
 
 
+def _vary_alike(*arrays):
+    """The arrays, each typed to vary over the union of the mesh axes they vary over (inside
+    shard_map): loop carries and custom_vjp cotangents must keep one type, and a block's
+    result varies over both the tokens' axes and the weights' axes. Adding a zero does it on
+    any jax version (the implicit cast's transpose sums the weight gradients over devices)."""
+    zero = sum(jnp.zeros_like(a.reshape(-1)[0], jnp.float32) for a in arrays if a is not None)
+    return tuple(None if a is None else a + zero.astype(a.dtype) for a in arrays)
+
+
 def _t_mm(a, b):
     """a.T @ b, accumulated in float32."""
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks):
-    return _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate):
+    return _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate,
+                      False)[0]
 
 
-def _blocked_ffn_fwd(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks):
-    y, h, g = _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, True)
+def _blocked_ffn_fwd(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate):
+    y, h, g = _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate,
+                         True)
     return y, (x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, h, g)
 
 
-def _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, save: bool):
-    """Per block: h = x @ w_in[e] (g = x @ w_gate[e]), y = act(h, g) @ w_out[e].
+def _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate,
+               save: bool):
+    """Per block: h = x @ w_in[e] (g = x @ w_gate[e]), y = activate(h, g) @ w_out[e].
 
     Returns y, and h, g for the backward pass if save (else None)."""
     m, f = x_MD.shape[0], w_in_EDF.shape[-1]
     gated = w_gate_EDF is not None
-    zeros = lambda n, keep=True: jnp.zeros((m, n), x_MD.dtype) if keep else None
+    zeros = lambda n, keep=True: jnp.zeros_like(x_MD, shape=(m, n)) if keep else None
 
     def expert_fn(e, row, size, carry):
         w_in, w_out = w_in_EDF[e], w_out_EFD[e]
@@ -210,7 +216,7 @@ def _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, sav
             x_bD = _rows(x_MD, r, b)
             h_bF = x_bD @ w_in
             g_bF = x_bD @ w_gate if gated else None
-            y = _put(y, _activate(h_bF, g_bF) @ w_out, r)
+            y = _put(y, activate(h_bF, g_bF) @ w_out, r)
             if save:
                 h, g = _put(h, h_bF, r), _put(g, g_bF, r) if gated else None
             return y, h, g
@@ -219,12 +225,12 @@ def _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, sav
     return _expert_loop(group_sizes_E, expert_fn, init)
 
 
-def _blocked_ffn_bwd(blocks, res, dy_MD):
+def _blocked_ffn_bwd(blocks, activate, res, dy_MD):
     """Per block, from the saved h and g: the four (six with a gate) matmuls of the backward
     pass; weight gradients accumulate per expert in float32."""
     x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, h_MF, g_MF = res
     gated = w_gate_EDF is not None
-    acc0 = lambda w: None if w is None else jnp.zeros(w.shape[1:], jnp.float32)
+    acc0 = lambda w: None if w is None else jnp.zeros_like(w, jnp.float32, shape=w.shape[1:])
 
     def expert_fn(e, row, size, carry):
         dx, dw_in, dw_gate, dw_out = carry
@@ -236,7 +242,7 @@ def _blocked_ffn_bwd(blocks, res, dy_MD):
             x_bD, dy_bD = _rows(x_MD, r, b), _rows(dy_MD, r, b)
             h_bF = _rows(h_MF, r, b)
             g_bF = _rows(g_MF, r, b) if gated else None
-            act_bF, act_vjp = jax.vjp(_activate, h_bF, g_bF)
+            act_bF, act_vjp = jax.vjp(activate, h_bF, g_bF)
             dh_bF, dg_bF = act_vjp(_mm_t(dy_bD, w_out))
             dx_bD = _mm_t(dh_bF, w_in)
             if gated:
@@ -249,8 +255,8 @@ def _blocked_ffn_bwd(blocks, res, dy_MD):
         put_e = lambda dw, a: None if dw is None else jax.lax.dynamic_update_index_in_dim(
             dw, a.astype(dw.dtype), e, 0)
         return dx, put_e(dw_in, a_in), put_e(dw_gate, a_gate), put_e(dw_out, a_out)
-    init = (jnp.zeros_like(x_MD), jnp.zeros_like(w_in_EDF),
-            None if w_gate_EDF is None else jnp.zeros_like(w_gate_EDF), jnp.zeros_like(w_out_EFD))
+    like = lambda w: None if w is None else jnp.zeros_like(w)
+    init = (like(x_MD), like(w_in_EDF), like(w_gate_EDF), like(w_out_EFD))
     dx, dw_in, dw_gate, dw_out = _expert_loop(group_sizes_E, expert_fn, init)
     return dx, dw_in, dw_gate, dw_out, None
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
+from moejax import attention, experts, sharding
 
 # Parameters carry logical names as metadata only; shardings are applied by jit (see train.py).
 # Set here too (model.py does the same) so building a layer or MoE block alone works.
@@ -54,16 +54,6 @@ def rotary(x_BTHK, positions_BT, base: float):
     return out.astype(x_BTHK.dtype)
 
 
-def attention_mask(segment_ids_BT, causal: bool = True):
-    """[B, 1, T, T] mask: same (non-padding) segment and, if causal, not the future."""
-    seg = segment_ids_BT
-    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    if causal:
-        t = seg.shape[1]
-        mask &= jnp.tril(jnp.ones((t, t), bool))
-    return mask[:, None]
-
-
 class KVCache(NamedTuple):
     """Keys and values of one attention layer for cached decoding: [B, S (max length), KV, K]."""
     k_BSHK: jax.Array
@@ -74,9 +64,12 @@ class Attention(nnx.Module):
     """Multi-head causal self-attention with rotary positions and grouped-query K/V."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, rope_base: float,
-                 *, rngs: nnx.Rngs):
+                 *, implementation: str = 'auto', block: int = attention.DEFAULT_BLOCK,
+                 rngs: nnx.Rngs):
         self.head_dim = d_model // num_heads
         self.rope_base = rope_base
+        self.implementation = implementation  # model.attention (see moejax/attention.py)
+        self.block = block  # model.attention_block: keys/queries per block of 'chunked'
         k = self.head_dim
         self.wq_DHK = param(rngs, (d_model, num_heads, k), ('embed', 'heads', 'head_dim'), d_model)
         self.wk_DHK = param(rngs, (d_model, num_kv_heads, k), ('embed', 'kv_heads', 'head_dim'),
@@ -94,14 +87,15 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))
         return rotary(q, positions_BT, self.rope_base), rotary(k, positions_BT, self.rope_base), v
 
-    def attend(self, q_BTHK, k_BSHK, v_BSHK, mask_B1TS):
-        """Softmax attention in float32 logits; K/V heads are shared by groups of Q heads."""
-        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS)
-        return jnp.einsum('bthk,hkd->btd', out_BTHK, self.wo_HKD[...].astype(q_BTHK.dtype))
+    def project_out(self, out_BTHK):
+        return jnp.einsum('bthk,hkd->btd', out_BTHK, self.wo_HKD[...].astype(out_BTHK.dtype))
 
     def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+        """Causal attention within segments, by the configured implementation."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
-        return self.attend(q, k, v, attention_mask(segment_ids_BT))
+        out_BTHK = attention.attend(q, k, v, segment_ids_BT, implementation=self.implementation,
+                                    block=self.block)
+        return self.project_out(out_BTHK)
 
     def empty_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         shape = (batch, max_len, self.wk_DHK.shape[1], self.head_dim)
@@ -122,18 +116,15 @@ class Attention(nnx.Module):
         cache = KVCache(write(cache.k_BSHK, k), write(cache.v_BSHK, v))
         S = cache.k_BSHK.shape[1]
         mask_11TS = (jnp.arange(S)[None, :] <= positions_T[:, None])[None, None]
-        out_BTD = self.attend(q, cache.k_BSHK.astype(q.dtype), cache.v_BSHK.astype(q.dtype),
-                              mask_11TS)
-        return out_BTD, cache
-
-
-def activate(h_F, gate_F, kind: str):
-    """GELU, or SwiGLU when a gate projection exists."""
-    return jax.nn.silu(gate_F) * h_F if kind == 'swiglu' else jax.nn.gelu(h_F)
+        # XLA's path whatever model.attention says: T new tokens against S cached ones is small.
+        out_BTHK = jax.nn.dot_product_attention(q, cache.k_BSHK.astype(q.dtype),
+                                                cache.v_BSHK.astype(q.dtype), mask=mask_11TS)
+        return self.project_out(out_BTHK), cache
 
 
 class MLP(nnx.Module):
-    """The dense FFN: D -> F -> D, GELU or SwiGLU."""
+    """The dense FFN: D -> F -> D, GELU or SwiGLU (moejax.experts' convention:
+    (silu(x @ w_gate) * (x @ w_in)) @ w_out)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs):
         self.activation = activation
@@ -143,8 +134,6 @@ class MLP(nnx.Module):
         self.w_out_FD = param(rngs, (d_ff, d_model), ('mlp', 'embed'), d_ff)
 
     def __call__(self, x_BTD):
-        dt = x_BTD.dtype
-        h = x_BTD @ self.w_in_DF[...].astype(dt)
-        gate = x_BTD @ self.w_gate_DF[...].astype(dt) if self.w_gate_DF is not None else None
-        h = sharding.constrain(activate(h, gate, self.activation), ('batch', 'length', 'act_mlp'))
-        return h @ self.w_out_FD[...].astype(dt)
+        w_gate = None if self.w_gate_DF is None else self.w_gate_DF[...]
+        hidden = lambda h: sharding.constrain(h, ('batch', 'length', 'act_mlp'))
+        return experts.ffn(x_BTD, self.w_in_DF[...], w_gate, self.w_out_FD[...], hidden)

@@ -3,8 +3,6 @@
 Tokens are routed within groups defined by the data (a sequence, or `moe.group_size`
 consecutive tokens), never by the device layout, so every mesh computes the same function.
 """
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moejax import dispatch, expert_parallel, layers, routing, sharding
@@ -37,16 +35,19 @@ class MoEBlock(nnx.Module):
         mask_GS = (segment_ids_BT > 0).reshape(B * T // S, S)
         route = self.router(x_GSD, mask_GS, train=train, rng=rng)
         cf = e.capacity_factor if train else e.eval_capacity_factor
-        capacity = routing.capacity(S, e.num_experts, e.top_k, cf)
+        capacity = routing.expert_capacity(e, S, cf)
         # comm='gspmd': sharding constraints, XLA inserts the collectives; 'all_to_all': by hand.
         engine = (expert_parallel.dispatch_combine if expert_parallel.applies(e, route)
                   else dispatch.dispatch_combine)
         y_GSD, dropped = engine(x_GSD, mask_GS, route, self.expert_weights(x_BTD.dtype),
-                                engine=e.dispatch, capacity=capacity)
+                                engine=e.dispatch, capacity=capacity,
+                                grouped_matmul=e.grouped_matmul)
         y_BTD = sharding.constrain(y_GSD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)
-        stats = dict(route.losses, **route.stats, dropped_fraction=dropped)
+        left = dispatch.tokens_left_behind(mask_GS, route, engine=e.dispatch, capacity=capacity,
+                                           num_experts=e.num_experts)
+        stats = dict(route.losses, **route.stats, dropped_fraction=dropped, tokens_left_behind=left)
         return y_BTD, stats
 
     def update_bias(self, expert_load_E) -> None:

@@ -28,8 +28,9 @@ def np_expert(w, e, x_D):
     h = x_D @ w_in
     if w_gate is None:
         h = np_gelu(h)
-    else:
-        h = h / (1.0 + np.exp(-h)) * (x_D @ w_gate)
+    else:  # SwiGLU: silu(x @ w_gate) * (x @ w_in)
+        g = x_D @ w_gate
+        h = g / (1.0 + np.exp(-g)) * h
     return h @ w_out
 
 
@@ -208,9 +209,9 @@ def test_one_expert_with_gate_one_is_a_plain_ffn(engine, swiglu):
     w = make_weights(5, swiglu, num_experts=1)
     x64 = x.astype(np.float64)
     w_in, w_out = np.asarray(w.w_in_EDF[0], np.float64), np.asarray(w.w_out_EFD[0], np.float64)
-    if swiglu:
-        h = x64 @ w_in
-        h = h / (1.0 + np.exp(-h)) * (x64 @ np.asarray(w.w_gate_EDF[0], np.float64))
+    if swiglu:  # silu(x @ w_gate) * (x @ w_in)
+        g = x64 @ np.asarray(w.w_gate_EDF[0], np.float64)
+        h = g / (1.0 + np.exp(-g)) * (x64 @ w_in)
     else:
         h = np_gelu(x64 @ w_in)
     y_want = (h @ w_out) * mask[..., None]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from moejax import dispatch, grouped
+from moejax import dispatch, experts, grouped
 
 D, F = 4, 6
 
@@ -26,8 +26,9 @@ def np_grouped_ffn(x, w_in, w_gate, w_out, sizes):
             h = x[r] @ np.asarray(w_in[e], np.float64)
             if w_gate is None:
                 h = np_gelu(h)
-            else:
-                h = h / (1.0 + np.exp(-h)) * (x[r] @ np.asarray(w_gate[e], np.float64))
+            else:  # SwiGLU: silu(x @ w_gate) * (x @ w_in)
+                g = x[r] @ np.asarray(w_gate[e], np.float64)
+                h = g / (1.0 + np.exp(-g)) * h
             y[r] = h @ np.asarray(w_out[e], np.float64)
         row += size
     return y
@@ -47,12 +48,16 @@ SIZES = [10, 0, 4, 18, 2]
 ROWS = 40
 
 
+def blocked(x, w_in, w_gate, w_out, sizes, blocks):
+    return grouped.blocked_ffn(x, w_in, w_gate, w_out, sizes, blocks, experts.activate)
+
+
 @pytest.mark.parametrize('gated', [False, True])
-@pytest.mark.parametrize('blocks', [None, (8, 2), (2,), (16, 8, 2)])
-def test_grouped_ffn_matches_numpy(blocks, gated):
+@pytest.mark.parametrize('blocks', [(8, 2), (2,), (16, 8, 2)])
+def test_blocked_ffn_matches_numpy(blocks, gated):
     w_in, w_gate, w_out = weights(0, len(SIZES), gated)
     x = jax.random.normal(jax.random.key(1), (ROWS, D))
-    y = grouped.grouped_ffn(x, w_in, w_gate, w_out, jnp.asarray(SIZES, jnp.int32), blocks)
+    y = blocked(x, w_in, w_gate, w_out, jnp.asarray(SIZES, jnp.int32), blocks)
     want = np_grouped_ffn(x, w_in, w_gate, w_out, SIZES)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(y)[sum(SIZES):] == 0.0)
@@ -66,10 +71,13 @@ def test_blocked_grouped_ffn_gradients_match_ragged_dot(gated):
     probe = jax.random.normal(jax.random.key(4), (ROWS, D))
     sizes = jnp.asarray(SIZES, jnp.int32)
 
-    def grads(blocks):
-        loss = lambda x, w: jnp.sum(grouped.grouped_ffn(x, *w, sizes, blocks) * probe)
+    def grads(ffn):
+        loss = lambda x, w: jnp.sum(ffn(x, w) * probe)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-    for got, want in zip(jax.tree.leaves(grads((8, 2))), jax.tree.leaves(grads(None))):
+    got = grads(lambda x, w: blocked(x, *w, sizes, (8, 2)))
+    want = grads(lambda x, w: experts.grouped_ffn(experts.ExpertWeights(*w), x, sizes,
+                                                  'ragged_dot'))
+    for got, want in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -136,10 +144,10 @@ def test_expert_ffn_block_loops_equal_einsums(gated, monkeypatch):
     x_GECD = jax.random.normal(jax.random.key(6), (2, 3, 24, D))
     monkeypatch.setattr(grouped, 'CPU_BLOCKS', (16, 8))
     assert grouped.ffn_blocks(2 * 24) == (16, 8)
-    looped = jax.jit(lambda x: dispatch._ffn(w, x, 'gecd'))(x_GECD)
+    looped = jax.jit(lambda x: dispatch.experts_on_buffers(w, x))(x_GECD)
     monkeypatch.setattr(grouped, 'MIN_BLOCK', 64)
     assert grouped.ffn_blocks(2 * 24) is None
-    einsums = jax.jit(lambda x: dispatch._ffn(w, x, 'gecd'))(x_GECD)
+    einsums = jax.jit(lambda x: dispatch.experts_on_buffers(w, x))(x_GECD)
     want = np.stack([np_grouped_ffn(x_GECD[g].reshape(-1, D), w.w_in_EDF, w.w_gate_EDF,
                                     w.w_out_EFD, [24] * 3).reshape(3, 24, D) for g in range(2)])
     np.testing.assert_allclose(looped, want, rtol=1e-5, atol=1e-6)
