@@ -32,26 +32,51 @@ def abstract_batch(setup) -> dict:
     return {k: spec for k in ('inputs', 'targets', 'segment_ids', 'positions')}
 
 
+def make_setup(cfg):
+    """Validate cfg for the current devices and trace its model abstractly (nothing compiled)."""
+    config_lib.validate(cfg, jax.device_count())
+    return train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+
+
+def compile_step(setup):
+    """The train step training would run, compiled with abstract (sharded, unallocated) state
+    and batch."""
+    step, _ = train.compile_steps(setup)
+    return step.lower(setup.abstract_state, abstract_batch(setup)).compile()
+
+
+def state_bytes(setup) -> dict:
+    """Bytes per device of the parameters and the optimizer state (known before compiling)."""
+    state = setup.abstract_state
+    return {'params_bytes_per_device': bytes_per_device(state.params),
+            'opt_state_bytes_per_device': bytes_per_device(state.opt_state)}
+
+
+def memory(setup, compiled) -> dict:
+    """Bytes per device: parameters, optimizer state, the step's temporaries, and their total."""
+    figures = state_bytes(setup)
+    analysis = compiled.memory_analysis()
+    temp = int(analysis.temp_size_in_bytes) if analysis else None
+    figures['temp_bytes_per_device'] = temp
+    figures['total_bytes_per_device'] = (sum(figures.values()) if temp is not None else None)
+    return figures
+
+
 def plan(cfg) -> dict:
     """Compile the train step for cfg on the current devices; return sizes and FLOPs."""
     start = time.time()
-    config_lib.validate(cfg, jax.device_count())
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    step, _ = train.compile_steps(setup)  # exactly the program training would run
-    compiled = step.lower(setup.abstract_state, abstract_batch(setup)).compile()
-    memory = compiled.memory_analysis()
-    state = setup.abstract_state
+    setup = make_setup(cfg)
+    compiled = compile_step(setup)
     counts = model_lib.param_counts(cfg)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     return {
         'params': counts['params'],
         'active_params': counts['active_params'],
-        'params_counted': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+        'params_counted': int(sum(np.prod(x.shape)
+                                  for x in jax.tree.leaves(setup.abstract_state.params))),
         'devices': jax.device_count(),
         'mesh': config_lib.mesh_shape(cfg.mesh, jax.device_count()),
-        'params_bytes_per_device': bytes_per_device(state.params),
-        'opt_state_bytes_per_device': bytes_per_device(state.opt_state),
-        'temp_bytes_per_device': int(memory.temp_size_in_bytes) if memory else None,
+        **memory(setup, compiled),
         'flops_per_step': model_lib.flops_per_token(cfg) * tokens,
         'compiled_flops_per_device': _compiled_flops(compiled),
         'compile_seconds': round(time.time() - start, 1),

@@ -1,10 +1,9 @@
 """The decoder-only MoE language model, and its parameter and FLOP counts."""
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import config as config_lib
 from moejax import dispatch, layers, moe, routing, sharding
 
 # Parameters carry logical names as metadata only; shardings are applied by jit (see train.py).
@@ -25,7 +24,8 @@ class Block(nnx.Module):
         m = cfg.model
         self.attn_norm = layers.RMSNorm(m.d_model)
         self.attn = layers.Attention(m.d_model, m.num_heads, m.num_kv_heads or m.num_heads,
-                                     m.rope_base, rngs=rngs)
+                                     m.rope_base, implementation=m.attention,
+                                     block=m.attention_block, rngs=rngs)
         self.ffn_norm = layers.RMSNorm(m.d_model)
         self.ffn = (moe.MoEBlock(cfg, rngs=rngs) if use_moe
                     else layers.MLP(m.d_model, m.d_ff, m.activation, rngs=rngs))
@@ -65,7 +65,7 @@ def moe_by_row(block: moe.MoEBlock, x_BTD):
     B, T, _ = x_BTD.shape
     mask_BT = jnp.ones((B, T), bool)
     route = block.router(x_BTD, mask_BT, train=False, rng=None)
-    capacity = routing.capacity(T, e.num_experts, e.top_k, e.eval_capacity_factor)
+    capacity = routing.expert_capacity(e, T, e.eval_capacity_factor)
     y_BTD, _ = dispatch.dispatch_combine(x_BTD, mask_BT, route, block.expert_weights(x_BTD.dtype),
                                          engine=e.dispatch, capacity=capacity)
     if block.shared is not None:
@@ -73,29 +73,105 @@ def moe_by_row(block: moe.MoEBlock, x_BTD):
     return y_BTD
 
 
-def call_block(block, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
-    return block(x_BTD, segment_ids_BT, positions_BT, train=train, rng=rng)
+# model.remat -> the jax.checkpoint policy of each block ('none': no remat).
+# 'block' keeps only the block's inputs; 'minimal' (MaxText's name) also keeps the outputs of
+# weight matmuls without batch dims (attention projections, router, dense FFN), the cheap-to-keep
+# activations whose recomputation would cost a matmul, and recomputes norms, activations and
+# attention scores.
+REMAT_POLICIES = {
+    'block': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
-def remat_block(block, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
-    """The block under jax.checkpoint: only its inputs are kept for the backward pass.
+period_length = config_lib.scan_period
+scans_layers = config_lib.scans_layers
+
+
+def rematted(fn, remat: str, prevent_cse: bool = True):
+    """fn under jax.checkpoint with model.remat's policy ('none': fn itself)."""
+    if remat == 'none':
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+
+
+def run_block(block, x_BTD, segment_ids_BT, positions_BT, rng, *, train, remat):
+    """The block, rematerialised per model.remat.
 
     The forward pass never mutates model state, so a pure function of the split state is
     enough (and avoids lifting variable updates across trace levels).
     """
+    if remat == 'none':
+        return block(x_BTD, segment_ids_BT, positions_BT, train=train, rng=rng)
     graphdef, state = nnx.split(block)
-    pure = lambda state, *args: call_block(nnx.merge(graphdef, state), *args, train=train)
-    return jax.checkpoint(pure)(state, x_BTD, segment_ids_BT, positions_BT, rng)
+    pure = lambda state, *args: nnx.merge(graphdef, state)(*args[:3], train=train, rng=args[3])
+    return rematted(pure, remat)(state, x_BTD, segment_ids_BT, positions_BT, rng)
+
+
+class Period(nnx.Module):
+    """The unit a scanned model repeats: moe_every - 1 dense blocks and one MoE block."""
+
+    def __init__(self, blocks: list[Block]):
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT, rng, index, *, train):
+        """Layers index*len .. index*len+len-1; returns x and the MoE block's stats ({} if none).
+        Layer i draws its noise from fold_in(rng, i), exactly as the unrolled model does."""
+        stats, first = {}, index * len(self.blocks)
+        for j, block in enumerate(self.blocks):
+            block_rng = None if rng is None else jax.random.fold_in(rng, first + j)
+            x_BTD, block_stats = block(x_BTD, segment_ids_BT, positions_BT, train=train,
+                                       rng=block_rng)
+            stats = block_stats if block_stats is not None else stats
+        return x_BTD, stats
+
+
+def stacked_periods(blocks: list[Block], length: int) -> Period:
+    """The blocks grouped into Periods of `length`, their variables stacked on a leading
+    'layers' axis. Built from the unrolled blocks, so one seed gives one model either way."""
+    periods = [Period(blocks[i:i + length]) for i in range(0, len(blocks), length)]
+    graphdefs, states = zip(*(nnx.split(p) for p in periods))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def add_layers_axis(variable):
+        names = variable.get_metadata().get('out_sharding')
+        if names:
+            variable.set_metadata(out_sharding=('layers',) + tuple(names))
+        return variable
+    stacked = jax.tree.map(add_layers_axis, stacked,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdefs[0], stacked)
+
+
+class StackedMoELayer:
+    """One layer's view of a scanned model's stacked MoE block, for loss-free balancing."""
+
+    def __init__(self, stacked: moe.MoEBlock, index: int):
+        self.stacked, self.index = stacked, index
+
+    def update_bias(self, expert_load_E) -> None:
+        bias = self.stacked.router.expert_bias
+        all_LE = bias[...]
+        bias.value = all_LE[self.index]  # MoEBlock.update_bias acts on this layer's row alone
+        self.stacked.update_bias(expert_load_E)
+        bias.value = all_LE.at[self.index].set(bias.value)
 
 
 class Transformer(nnx.Module):
+    """Embedding, num_layers blocks (unrolled in `blocks`, or scanned in `stack` when
+    model.scan_layers), final norm and the output head."""
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         m = cfg.model
         self.dtype = DTYPES[m.dtype]
-        self.remat = m.remat == 'block'
+        self.remat = m.get('remat', 'none')
+        self.scan = scans_layers(cfg)
         self.embed = layers.Embed(cfg.data.vocab_size, m.d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, is_moe_layer(cfg, i), rngs=rngs)
-                                for i in range(m.num_layers)])
+        blocks = [Block(cfg, is_moe_layer(cfg, i), rngs=rngs) for i in range(m.num_layers)]
+        if self.scan:
+            self.stack = stacked_periods(blocks, period_length(cfg))
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = layers.RMSNorm(m.d_model)
         self.head_DV = layers.param(rngs, (m.d_model, cfg.data.vocab_size), ('embed', 'vocab'),
                                     m.d_model)
@@ -104,37 +180,120 @@ class Transformer(nnx.Module):
                  rng: jax.Array | None = None):
         """Logits [B, T, V] in float32, and MoE statistics stacked over MoE layers."""
         x_BTD = self.embed(inputs_BT, self.dtype)
-        layer_stats = []
-        run_block = functools.partial(remat_block if self.remat else call_block, train=train)
-        for i, block in enumerate(self.blocks):
-            block_rng = None if rng is None else jax.random.fold_in(rng, i)
-            x_BTD, stats = run_block(block, x_BTD, segment_ids_BT, positions_BT, block_rng)
-            if stats is not None:
-                layer_stats.append(stats)
+        run = self._scanned if self.scan else self._unrolled
+        x_BTD, stats = run(x_BTD, segment_ids_BT, positions_BT, rng, train=train)
         x_BTD = self.final_norm(x_BTD)
         logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.head_DV[...].astype(self.dtype))
         logits_BTV = sharding.constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
-        return logits_BTV.astype(jnp.float32), stack_stats(layer_stats)
+        return logits_BTV.astype(jnp.float32), stats
+
+    def _unrolled(self, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
+        layer_stats = []
+        for i, block in enumerate(self.blocks):
+            block_rng = None if rng is None else jax.random.fold_in(rng, i)
+            x_BTD, stats = run_block(block, x_BTD, segment_ids_BT, positions_BT, block_rng,
+                                     train=train, remat=self.remat)
+            if stats is not None:
+                layer_stats.append(stats)
+        return x_BTD, stack_stats(layer_stats)
+
+    def _scanned(self, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
+        """One compiled period, scanned over the stacked layers; stats stack as the scan's ys."""
+        graphdef, state = nnx.split(self.stack)
+
+        def body(x_BTD, state_and_index):
+            state, index = state_and_index
+            period = nnx.merge(graphdef, state)
+            return period(x_BTD, segment_ids_BT, positions_BT, rng, index, train=train)
+        # prevent_cse=False: inside a scan, CSE cannot merge the recomputation into the forward.
+        body = rematted(body, self.remat, prevent_cse=False)
+        return jax.lax.scan(body, x_BTD, (state, jnp.arange(self.num_periods())))
+
+    def num_periods(self) -> int:
+        """Scanned models: how many periods the stack holds."""
+        return jax.tree.leaves(nnx.state(self.stack))[0].shape[0]
 
     def init_cache(self, batch: int, max_len: int) -> list[layers.KVCache]:
-        """An empty KV cache per block, [B, max_len, KV heads, K] in the model dtype."""
-        return [b.attn.empty_cache(batch, max_len, self.dtype) for b in self.blocks]
+        """An empty KV cache per block, [B, max_len, KV heads, K] in the model dtype (scanned:
+        one per block of a period, each with a leading [num_periods] axis)."""
+        if not self.scan:
+            return [b.attn.empty_cache(batch, max_len, self.dtype) for b in self.blocks]
+        graphdef, state = nnx.split(self.stack)
+        one = nnx.merge(graphdef, jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state))
+        n = self.num_periods()
+        return [jax.tree.map(lambda c: jnp.zeros((n,) + c.shape, c.dtype),
+                             b.attn.empty_cache(batch, max_len, self.dtype)) for b in one.blocks]
 
     def extend(self, inputs_BT, cache: list[layers.KVCache], start):
         """Logits [B, T, V] of T new tokens at positions start.. (one document per row, no
         padding), reading and updating the KV cache: prefill a prompt at start=0, then decode one
         token at a time. Evaluation mode; MoE routing groups are the new tokens of a row."""
         x_BTD = self.embed(inputs_BT, self.dtype)
-        new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
-            x_BTD, layer_cache = block.extend(x_BTD, layer_cache, start)
-            new_cache.append(layer_cache)
+        if self.scan:
+            graphdef, state = nnx.split(self.stack)
+
+            def body(x_BTD, state_and_cache):
+                state, period_cache = state_and_cache
+                period = nnx.merge(graphdef, state)
+                return extend_blocks(period.blocks, x_BTD, period_cache, start)
+            x_BTD, new_cache = jax.lax.scan(body, x_BTD, (state, cache))
+        else:
+            x_BTD, new_cache = extend_blocks(self.blocks, x_BTD, cache, start)
         x_BTD = self.final_norm(x_BTD)
         logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.head_DV[...].astype(self.dtype))
         return logits_BTV.astype(jnp.float32), new_cache
 
-    def moe_blocks(self) -> list[moe.MoEBlock]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, moe.MoEBlock)]
+    def moe_blocks(self) -> list:
+        """Each MoE layer's block, in layer order (scanned: views of the stacked block)."""
+        if not self.scan:
+            return [b.ffn for b in self.blocks if isinstance(b.ffn, moe.MoEBlock)]
+        ffn = self.stack.blocks[-1].ffn
+        if not isinstance(ffn, moe.MoEBlock):
+            return []
+        return [StackedMoELayer(ffn, p) for p in range(self.num_periods())]
+
+
+def extend_blocks(blocks, x_BTD, cache, start):
+    new_cache = []
+    for block, layer_cache in zip(blocks, cache):
+        x_BTD, layer_cache = block.extend(x_BTD, layer_cache, start)
+        new_cache.append(layer_cache)
+    return x_BTD, new_cache
+
+
+def scanned_params(unrolled: dict, cfg) -> dict:
+    """An unrolled model's pure state dict (nnx.State.to_pure_dict) in the scanned layout."""
+    out = {k: v for k, v in unrolled.items() if k != 'blocks'}
+    n = period_length(cfg)
+    count = cfg.model.num_layers // n
+    out['stack'] = {'blocks': {j: jax.tree.map(lambda *xs: jnp.stack(xs), *[
+        unrolled['blocks'][p * n + j] for p in range(count)]) for j in range(n)}}
+    return out
+
+
+def unrolled_params(scanned: dict, cfg) -> dict:
+    """A scanned model's pure state dict in the unrolled layout (the inverse of scanned_params)."""
+    out = {k: v for k, v in scanned.items() if k != 'stack'}
+    n = period_length(cfg)
+    count = cfg.model.num_layers // n
+    out['blocks'] = {p * n + j: jax.tree.map(lambda x: x[p], scanned['stack']['blocks'][j])
+                     for p in range(count) for j in range(n)}
+    return out
+
+
+def unrolled_model(model: Transformer, cfg) -> Transformer:
+    """The same weights as an unrolled Transformer (model.blocks[i]), for code that walks the
+    layers one by one (routing analysis); a model already unrolled is returned as is."""
+    if not model.scan:
+        return model
+    flat_cfg = cfg.copy_and_resolve_references()
+    flat_cfg.model.scan_layers = False
+    flat = nnx.eval_shape(lambda: Transformer(flat_cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(flat)
+    nnx.replace_by_pure_dict(state, unrolled_params(nnx.state(model).to_pure_dict(), cfg))
+    nnx.update(flat, state)
+    return flat
 
 
 def stack_stats(layer_stats: list[dict]) -> dict:
@@ -163,8 +322,12 @@ def param_counts(cfg) -> dict[str, int]:
 
 
 def flops_per_token(cfg) -> float:
-    """Training FLOPs per token: 6 x active matmul params + attention scores (MaxText's count)."""
+    """Training FLOPs per token, counted as MaxText does: 6 x active matmul params (the output
+    projection included, the embedding lookup not) + attention's two T x T matmuls (QK^T and
+    weights x V: 4*T*H*K per token forward), causal at half, x3 for the backward pass."""
+    m = cfg.model
     counts = param_counts(cfg)
     matmul_params = counts['active_params'] - counts['embedding_params']
-    attn = 12 * cfg.model.num_layers * cfg.data.seq_len * cfg.model.d_model
-    return 6 * matmul_params + attn
+    heads_x_head_dim = m.num_heads * (m.d_model // m.num_heads)
+    causal_attn = 4 * cfg.data.seq_len * heads_x_head_dim / 2
+    return 6 * matmul_params + 3 * m.num_layers * causal_attn

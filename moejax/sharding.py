@@ -25,6 +25,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('head_dim', None),
     ('vocab', 'tensor'),
     ('router', None),  # the router's expert dim: small, replicated
+    ('layers', None),  # the stacked-layers axis of a scanned model (model.scan_layers)
     # activations
     ('batch', ('data', 'fsdp', 'expert')),
     ('length', None),
