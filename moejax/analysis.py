@@ -3,8 +3,8 @@
 Both write PNG files. Figures are built with matplotlib's object API (`Figure`, rendered by Agg),
 never pyplot, so they work without a display and leave a notebook's plotting backend alone.
 """
-import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,8 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
+from moejax import metrics as metrics_lib
+from moejax import model as model_lib
 from moejax import sampling
 from moejax.errors import ConfigError
 
@@ -21,20 +23,22 @@ MAX_PLOTTED_TOKENS = 96  # a token map wider than this is unreadable; longer tex
 
 def expert_load_history(metrics_path: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps [N], expert_load [N, L, E]) of the training records that carry expert_load."""
-    if not os.path.exists(metrics_path):
-        raise ConfigError('--workdir', os.path.dirname(metrics_path),
-                          'holds no metrics.jsonl; train first')
+    _require_metrics(metrics_path)
     steps, loads = [], []
-    with open(metrics_path) as f:
-        for line in f:
-            record = json.loads(line) if line.strip() else {}
-            if 'expert_load' in record:
-                steps.append(record['step'])
-                loads.append(record['expert_load'])
+    for record in metrics_lib.read_jsonl(metrics_path):
+        if 'expert_load' in record and 'step' in record:
+            steps.append(record['step'])
+            loads.append(record['expert_load'])
     if not steps:
         raise ConfigError('--workdir', os.path.dirname(metrics_path),
                           'metrics.jsonl has no expert_load records: a dense model has no experts')
     return np.asarray(steps), np.asarray(loads, np.float64)
+
+
+def _require_metrics(metrics_path: str) -> None:
+    if not os.path.isfile(metrics_path):
+        raise ConfigError('--workdir', os.path.dirname(metrics_path),
+                          'holds no metrics.jsonl; train first')
 
 
 def plot_expert_load(metrics_path: str, out_png: str) -> str:
@@ -139,15 +143,37 @@ def _save(fig, out_png: str) -> str:
     return out_png
 
 
+def _check_writable(directory: str, key: str, value: str, where: str) -> None:
+    """ConfigError unless PNGs can be written in directory (created if missing).
+
+    A read-only run (archived, another user's) is refused with the fix rather than written
+    around: plots left in an unexpected place are plots lost.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(key, value, f'{where} cannot be written ({err.strerror or err}); '
+                          'pass --out_dir=DIR to write the plots elsewhere') from None
+
+
 def analyze(workdir: str, *, text: str | None = None, step: int | None = None,
             out_dir: str | None = None) -> dict:
     """Write expert_load.png (and token_experts.png when a text is given); returns their paths."""
-    out_dir = out_dir or os.path.join(workdir, 'plots')
-    paths = {'expert_load': plot_expert_load(os.path.join(workdir, 'metrics.jsonl'),
+    metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    _require_metrics(metrics_path)
+    if out_dir:
+        _check_writable(out_dir, '--out_dir', out_dir, 'the directory')
+    else:  # checked before any work is done
+        out_dir = os.path.join(workdir, 'plots')
+        _check_writable(out_dir, '--workdir', workdir, f'plots go to {out_dir} by default, which')
+    paths = {'expert_load': plot_expert_load(metrics_path,
                                              os.path.join(out_dir, 'expert_load.png'))}
     if text:
         loaded = sampling.load(workdir, step)
-        ids_T, experts_LT = token_routes(loaded.model, loaded.tokenizer, text,
+        model = model_lib.unrolled_model(loaded.model, loaded.cfg)  # walks blocks one by one
+        ids_T, experts_LT = token_routes(model, loaded.tokenizer, text,
                                          loaded.cfg.model.max_len)
         labels = [token_label(loaded.tokenizer, int(i)) for i in ids_T]
         paths['token_experts'] = plot_token_routes(

@@ -5,11 +5,15 @@ directory and renames it when complete, so a write cut short is never taken for 
 the training run removes such leftovers when it starts again). Each checkpoint also
 holds a digest (size and CRC32 of every file), written before the rename, so a file truncated
 or corrupted later is caught before Orbax reads it: TensorStore would otherwise restore
-flipped bits silently. A latest checkpoint that fails to restore is reported in one line,
-moved aside (not deleted) and the previous one is used.
+flipped bits silently. A checkpoint whose bytes fail its digest is reported in one line,
+moved aside (never deleted) and the previous one is used; one that fails to restore for any
+other reason (a config it does not fit) is left in place and the run refuses to start. A save
+that fails (a full disk) ends in one summary line naming the last good checkpoint.
 """
+import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +32,63 @@ UNDIGESTED = (DIGEST, '_CHECKPOINT_METADATA')
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's files do not match the digest written with them."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the message is the one line the user sees."""
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops Orbax's own error logs (each with a traceback, dozens per failed save): a failed
+    save reaches the caller as one SaveError line, a failed restore as one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # absl records name Orbax's file; asyncio's "exception was never retrieved" ones (a
+        # failed write's futures, at exit) name the checkpoint's temporary directory.
+        return record.levelno < logging.ERROR or not (
+            'orbax' in record.pathname or 'orbax-checkpoint-tmp' in record.getMessage())
+
+
+def _is_event_loop_noise(kind, value) -> bool:
+    return kind is RuntimeError and str(value) == 'Event loop is closed'
+
+
+def _quiet_event_loop_noise(excepthook, unraisablehook):
+    """sys.excepthook and sys.unraisablehook that drop the 'Event loop is closed' errors that
+    TensorStore's callbacks raise (one traceback per pending write) after an asynchronous save
+    failed; everything else is shown as before."""
+    def quiet_excepthook(kind, value, tb):
+        if not _is_event_loop_noise(kind, value):
+            excepthook(kind, value, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_event_loop_noise(unraisable.exc_type, unraisable.exc_value):
+            unraisablehook(unraisable)
+    quiet_excepthook.moejax_quiet = True
+    return quiet_excepthook, quiet_unraisablehook
+
+
+def quiet_background_failures() -> None:
+    """Install both filters (once per process) in a process that writes checkpoints."""
+    for name in ('absl', 'asyncio'):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
+            logger.addFilter(_QuietOrbaxErrors())
+    if not getattr(sys.excepthook, 'moejax_quiet', False):
+        sys.excepthook, sys.unraisablehook = _quiet_event_loop_noise(sys.excepthook,
+                                                                     sys.unraisablehook)
+
+
+class _Protected:
+    """Orbax preservation policy: keep the given steps whatever the rotation says (the last
+    checkpoint known good while non-finite steps are being skipped)."""
+
+    def __init__(self, steps: set):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints, *, context):
+        del context
+        return [c.step in self.steps for c in checkpoints]
 
 
 def file_digests(step_dir: str) -> dict[str, list[int]]:
@@ -93,30 +154,61 @@ class Checkpointer:
         self.workdir = workdir
         self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
         self.read_only, self.async_save = read_only, async_save
-        self._saving = None  # the step whose asynchronous save is in flight
+        self._saving = None  # the step whose asynchronous save is in flight, until its commit
+        self._in_flight = None  # the step of the last save, until it is known to have finished
+        self.failed = None  # the SaveError already reported, if any
+        self.protected = set()  # steps rotation must keep (see protect)
         async_options = ocp.AsyncOptions(post_finalization_callback=self._before_commit) \
             if async_save else None
+        policies = ocp.checkpoint_managers
+        retention = None if read_only else policies.AnyPreservationPolicy(
+            [policies.LatestN(keep), _Protected(self.protected)])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+            preservation_policy=retention, create=not read_only, read_only=read_only,
             cleanup_tmp_directories=cleanup_tmp and not read_only,
             enable_async_checkpointing=async_save, async_options=async_options)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if not read_only:
+            quiet_background_failures()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def protect(self, steps) -> None:
+        """Keep exactly these steps through rotation (besides the newest `keep`)."""
+        self.protected.clear()
+        self.protected.update(s for s in steps if s is not None)
+
     def save(self, step: int, state, data_state: dict) -> bool:
-        """Start an asynchronous save; a step that is already saved is left untouched."""
+        """Start an asynchronous save; a step that is already saved is left untouched.
+
+        Raises SaveError (one line) if this save, or the one before it, failed."""
         if step in self.manager.all_steps():
             return False
-        self.manager.wait_until_finished()  # one save in flight: _saving names it
-        self._saving = step
+        self.wait()  # one save in flight: _saving names it
+        self._saving = self._in_flight = step
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state))
-        saved = self.manager.save(step, args=args)
-        if saved and not self.async_save:
-            self._write_digest(os.path.join(self.directory, str(step)))
+        try:
+            saved = self.manager.save(step, args=args)
+            if saved and not self.async_save:
+                self._write_digest(os.path.join(self.directory, str(step)))
+        except Exception as err:  # noqa: BLE001 - any failure to write is reported the same way
+            raise self._save_failed(step, err) from None
         return saved
+
+    def _save_failed(self, step: int, err: Exception) -> SaveError:
+        """The one-line report of a failed save, naming the newest committed checkpoint."""
+        self._saving = self._in_flight = None
+        try:
+            self.manager.reload()
+            good = [s for s in self.steps() if s != step]
+        except Exception:  # noqa: BLE001 - the listing itself may fail on a broken disk
+            good = []
+        last = f'step {good[-1]}' if good else 'none (no checkpoint was saved)'
+        self.failed = SaveError(f'checkpoint at step {step} not saved: {_root_cause(err)}; '
+                                f'the last good checkpoint is {last}')
+        return self.failed
 
     def _before_commit(self) -> None:
         """Orbax calls this when a save's files are complete, before the rename commits it."""
@@ -129,18 +221,50 @@ class Checkpointer:
             write_digest(step_dir)
 
     def restore(self, abstract_state, step: int | None = None):
-        """(state, data_state, step) from `step` or the newest restorable one; None if none."""
-        candidates = [step] if step is not None else self.steps()[::-1]
-        for s in candidates:
+        """(state, data_state, step) from `step` or the newest restorable one; None if none.
+
+        A checkpoint whose bytes fail their digest is skipped, and moved aside (by a training
+        run) once an older one restores; when none restores the training run refuses (nothing
+        moved). Any other failure leaves the checkpoint in place: a training run refuses, a
+        reader warns and tries the previous one."""
+        if step is not None:
+            return self._restore(abstract_state, step)
+        damaged = []
+        for s in self.steps()[::-1]:
             try:
-                return self._restore(abstract_state, s)
+                restored = self._restore(abstract_state, s)
+            except CorruptCheckpointError as err:
+                damaged.append((s, err))
+                continue
             except Exception as err:  # noqa: BLE001 - any failure means: not restorable
-                if step is not None:
-                    raise
-                where = self._set_aside(s)
+                if not self.read_only:
+                    raise self._unfit(s, err) from None
                 print(f'WARNING: checkpoint {s} could not be restored ({_one_line(err)}); '
-                      f'{where}, trying the previous one', file=sys.stderr, flush=True)
+                      'left in place, trying the previous one', file=sys.stderr, flush=True)
+                continue
+            self._report_damaged(damaged, f'resuming from step {s}')
+            return restored
+        if damaged and not self.read_only:
+            found = '; '.join(f'step {s}: {_one_line(err, 100)}' for s, err in damaged)
+            raise ConfigError('--workdir', self.workdir, (
+                f'holds no readable checkpoint ({found}); nothing was moved or deleted. Pass '
+                '--restart to set them aside and start over from step 0, or put good copies '
+                f'back into {self.directory}'))
+        self._report_damaged(damaged, 'no older one')
         return None
+
+    def _report_damaged(self, damaged, outcome: str) -> None:
+        for s, err in damaged:
+            where = self._set_aside(s)
+            print(f'WARNING: checkpoint {s} could not be restored ({_one_line(err)}); {where}; '
+                  f'{outcome}', file=sys.stderr, flush=True)
+
+    def _unfit(self, step: int, err: Exception) -> ConfigError:
+        return ConfigError('--workdir', self.workdir, (
+            f'checkpoint {step} could not be restored ({_one_line(err, 160)}) although its files '
+            'are whole; it was left in place. It was probably saved with another config or '
+            'version: resume with the config in config.json, use a new --workdir, or pass '
+            '--restart to set this run aside and start over'))
 
     def read(self, abstract_state, step: int | None = None):
         """(state, step) of a saved step (default: the newest restorable) for a reader of a run;
@@ -161,21 +285,63 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         return restored['state'], dict(restored['data']), step
 
-    def _set_aside(self, step: int) -> str:
-        """Move an unreadable checkpoint out of the manager's way, keeping it for inspection."""
+    def _set_aside(self, step: int, folder: str = 'unreadable_checkpoints') -> str:
+        """Move a checkpoint out of the manager's way, keeping it for inspection."""
         if self.read_only:
             return 'left in place (read-only)'
         src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.workdir, 'unreadable_checkpoints', f'{step}-{int(time.time())}')
+        dst = os.path.join(self.workdir, folder, f'{step}-{int(time.time())}')
         if jax.process_index() == 0 and os.path.exists(src):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.move(src, dst)
         self.manager.reload()
         return f'moved to {dst}'
 
+    def set_aside_diverged(self, step: int) -> str:
+        """Move aside a checkpoint whose weights gave non-finite steps (kept, not deleted)."""
+        self.wait()
+        return self._set_aside(step, 'diverged_checkpoints')
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight; SaveError (one line) if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any failure to write is reported the same way
+            raise self._save_failed(self._in_flight, err) from None
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish the save in flight and close; a failure already reported is not raised twice."""
+        reported = self.failed
+        try:
+            self.wait()
+        except SaveError:
+            if reported is None:
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - a failed save was reported by wait
+                if self.failed is None:
+                    raise
+
+
+# Operating-system failures a save meets, named the way TensorStore's messages spell them.
+_OS_ERRORS = tuple(os.strerror(code) for code in (
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO, errno.ENOENT))
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause of a failure, in a few words (e.g. 'No space left on device')."""
+    seen, chain = set(), []
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in chain[::-1]:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror + (f' ({e.filename})' if e.filename else '')
+    for reason in _OS_ERRORS:
+        if any(reason in str(e) for e in chain):
+            return reason
+    return _one_line(chain[-1], 160)

@@ -4,7 +4,9 @@ Exit codes: 0 done; 2 a config or usage error, printed as one line naming key, v
 is allowed; 1 anything else, with its traceback.
 """
 import json
+import logging
 import os
+import signal
 import sys
 
 import ml_collections
@@ -30,11 +32,13 @@ def _parse(argv) -> None:
     """Parse flags; any flag or config-file problem is a usage error (exit 2)."""
     _recipes_importable(argv)
     try:
-        FLAGS(argv)
+        extra = FLAGS(argv)[1:]
         if FLAGS.config is not None and not isinstance(FLAGS.config, ml_collections.ConfigDict):
             FLAGS.config.keys()  # a config file that failed to load raises its error here
     except Exception as err:  # noqa: BLE001 - config_flags raises plain errors for bad files
         _usage_error(_explain_flag_error(err, argv))
+    if extra:
+        _usage_error(f'unexpected arguments: {extra}; flags take the form --name=value')
     if not FLAGS.workdir and not getattr(FLAGS, 'dry_run', False):
         _usage_error('--workdir is required: the directory for checkpoints and metrics')
 
@@ -53,6 +57,9 @@ def _recipes_importable(argv) -> None:
 def _explain_flag_error(err: Exception, argv) -> str:
     """One line naming the flag or config key at fault, its value and what is allowed."""
     path = _config_path(argv)
+    if path is None:  # eval without --config: the fault is in another flag
+        return _first_line(err) + (' (--config.KEY overrides need --config=FILE)'
+                                   if "flag 'config." in str(err) else '')
     base, problem = _load_config(path)
     if problem:
         return f'--config={path!r}: {problem}'
@@ -68,6 +75,10 @@ def _explain_flag_error(err: Exception, argv) -> str:
             kind = type(group).__name__
             return (f'--config.{key}={value!r}: must be of type {kind} '
                     f'(like its value in {path}: {group!r})')
+    return _first_line(err)
+
+
+def _first_line(err: Exception) -> str:
     lines = [line for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 
@@ -120,7 +131,12 @@ def _usage_error(message: str):
 def _start(argv):
     """Parse flags, then initialise jax.distributed before any other JAX call."""
     _parse(argv)
-    if getattr(FLAGS, 'simulated_devices', None):
+    simulated = getattr(FLAGS, 'simulated_devices', None)
+    if simulated is not None and simulated < 1:
+        _usage_error(f'--simulated_devices={simulated}: must be >= 1 (or left out for the real '
+                     'devices)')
+    _check_process_flags(FLAGS.num_processes, FLAGS.process_id)
+    if simulated:
         # Must happen before the backend starts: plan a large mesh on CPU-simulated devices.
         import jax
         jax.config.update('jax_platforms', 'cpu')
@@ -129,13 +145,34 @@ def _start(argv):
     mesh.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
 
 
+def _check_process_flags(num_processes, process_id) -> None:
+    """Multi-host flags in range, before jax.distributed sees them."""
+    if num_processes is not None and num_processes < 1:
+        _usage_error(f'--num_processes={num_processes}: must be >= 1')
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        _usage_error(f'--process_id={process_id}: must be in [0, --num_processes='
+                     f'{num_processes})' if num_processes else
+                     f'--process_id={process_id}: must be >= 0')
+
+
 def _run(fn):
     try:
         fn()
     except ConfigError as err:
         _usage_error(str(err))
     except KeyboardInterrupt:
-        sys.exit(130)
+        _interrupted()
+
+
+def _interrupted(*_):
+    """Exit 130 at once, also as a signal handler: further signals are ignored and the
+    interpreter's teardown is skipped (a signal there, with JAX or Orbax threads running, could
+    crash it). Nothing half-written is ever taken for a checkpoint: Orbax commits by rename."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _check_early(cfg, workdir) -> None:
@@ -154,7 +191,16 @@ def train_main(argv=None):
                          '(e.g. 64 with --dry_run to plan a pod-sized layout on a laptop).')
     flags.DEFINE_boolean('dry_run', False, 'Compile the train step ahead of time for the config '
                          'and mesh, print memory and FLOPs as JSON, and exit (nothing allocated).')
+    flags.DEFINE_boolean('restart', False, 'Start over from step 0 in a workdir that holds a run: '
+                         'its checkpoints, metrics and config move to WORKDIR/previous_runs/ '
+                         '(nothing is deleted).')
+    # Until training installs its own handlers (and again after they are removed), a signal
+    # means there is nothing (more) to save: exit 130 at once.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
     _start(argv)
+    from moejax import xla_flags
+    xla_flags.set_gpu_flags()  # GPU runs: MaxText's XLA flags, before the backend starts
     if FLAGS.config is None:
         _usage_error('--config is required, e.g. --config=configs/default.py')
 
@@ -166,11 +212,17 @@ def train_main(argv=None):
             from moejax import dry_run
             print(json.dumps(dry_run.plan(FLAGS.config)), flush=True)
             return
+        from moejax.checkpoint import SaveError
         try:
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        except train.NonFiniteError as err:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+        except (train.NonFiniteError, SaveError) as err:  # one line, not a traceback
             print(f'moejax: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
+        finally:
+            # Everything is saved and the lock released; only the interpreter's teardown is
+            # left, during which Python restores default handlers (a Ctrl-C would kill it).
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
     _run(train)
 
 
@@ -179,23 +231,35 @@ def eval_main(argv=None):
     _define_common(argv)
     flags.DEFINE_string('split', 'validation', 'Dataset split to evaluate.')
     flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+    logging.getLogger('absl').addFilter(_ReadOnlyNotices())
     _start(argv)
 
     def evaluate():
-        from moejax import config as config_lib, train
+        from moejax import config as config_lib
         cfg = FLAGS.config
         saved = os.path.join(FLAGS.workdir, 'config.json')
         if cfg is None:
             if not os.path.exists(saved):
                 raise ConfigError('--config', None, f'is required: {saved} does not exist')
-            cfg = config_lib.from_json(saved)
+            cfg = config_lib.from_json(saved)  # a damaged file fails here, before slow imports
+        from moejax import train
         result = train.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step)
         print(json.dumps(result), flush=True)
     _run(evaluate)
 
 
+class _ReadOnlyNotices(logging.Filter):
+    """Drops Orbax's notices that a reader opened checkpoints read-only: that is by design,
+    and a usage error should stay the one line on stderr."""
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        return not ('read_only=True' in text or 'directory is read only' in text)
+
+
 def _parse_run_flags(argv) -> None:
     """Flags of the commands that read a finished run (generate, analyze): no config needed."""
+    logging.getLogger('absl').addFilter(_ReadOnlyNotices())
     try:
         extra = FLAGS(argv)[1:]
     except flags.Error as err:
@@ -218,6 +282,9 @@ def generate_main(argv=None):
     _parse_run_flags(argv or sys.argv)
 
     def generate():
+        from moejax import config as config_lib
+        config_lib.check_sampling_args(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
+                                       FLAGS.num_samples)
         from moejax import sampling
         loaded = sampling.load(FLAGS.workdir, FLAGS.step)
         texts = sampling.generate_text(loaded, FLAGS.prompt, FLAGS.max_new_tokens,

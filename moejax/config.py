@@ -3,6 +3,7 @@
 `validate` runs before anything touches data or compiles, so a mistake costs a second, not a
 compile. It raises `ConfigError`, which the command line prints as one line and exit code 2.
 """
+import importlib.util
 import json
 import math
 import os
@@ -14,11 +15,17 @@ from moejax.errors import ConfigError
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.activation': ('gelu', 'swiglu'),
-    'model.remat': ('none', 'block'),
+    'model.remat': ('none', 'block', 'minimal'),
+    'model.attention': ('auto', 'xla', 'chunked', 'flash'),
     'moe.router': ('top_k', 'noisy_top_k', 'expert_choice', 'soft'),
     'moe.dispatch': ('einsum', 'sort', 'dropless'),
     'moe.comm': ('gspmd', 'all_to_all'),
+    'moe.grouped_matmul': ('auto', 'blocks', 'ragged_dot', 'tokamax'),
     'moe.balance': ('aux_loss', 'bias', 'none'),
+    'moe.score_fn': ('softmax', 'sigmoid'),
+    'moe.gate_norm': ('auto', 'raw', 'renorm'),
+    'moe.capacity_rule': ('gshard', 't5x'),
+    'moe.aux_loss_norm': ('assignments', 'tokens'),
     'moe.router_dtype': ('float32',),
     'data.tokenizer': ('sentencepiece', 'byte'),
     'data.text_format': ('files', 'lines'),
@@ -27,16 +34,20 @@ CHOICES = {
 }
 
 POSITIVE_INTS = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.d_ff',
+                 'model.attention_block',
                  'model.max_len', 'moe.num_experts', 'moe.top_k', 'data.seq_len',
                  'data.batch_size', 'data.eval_batches', 'opt.grad_accum', 'train.num_steps',
                  'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-                 'train.max_skipped_steps')
+                 'train.max_skipped_steps', 'moe.min_capacity')
 NON_NEGATIVE_INTS = ('model.num_kv_heads', 'model.moe_every', 'moe.group_size',
                      'moe.num_shared_experts', 'opt.warmup_steps', 'train.eval_every',
-                     'train.seed')
+                     'train.seed', 'moe.num_expert_groups', 'moe.top_expert_groups')
 NON_NEGATIVE = ('moe.aux_loss_weight', 'moe.z_loss_weight', 'moe.jitter', 'moe.bias_update_rate',
-                'opt.weight_decay', 'opt.clip_norm')
-POSITIVE_FLOATS = ('moe.capacity_factor', 'moe.eval_capacity_factor', 'opt.lr', 'model.rope_base')
+                'opt.weight_decay', 'opt.clip_norm', 'train.spike_factor')
+POSITIVE_FLOATS = ('opt.lr', 'model.rope_base', 'moe.routed_scaling_factor')
+# Slots per expert = ceil(S*k*factor/E); a factor <= 0 means no drops (S slots: see
+# routing.capacity), so any finite number is allowed.
+CAPACITY_FACTORS = ('moe.capacity_factor', 'moe.eval_capacity_factor')
 UNIT_INTERVAL = ('opt.b1', 'opt.b2')  # Adam decay rates: [0, 1)
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -59,6 +70,10 @@ def validate(cfg, num_devices: int) -> None:
              f'must divide data.batch_size={d.batch_size}')
     _require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
              f'must divide by model.num_heads={m.num_heads}')
+    head_dim = m.d_model // m.num_heads  # rotary embeddings turn pairs of head dimensions
+    _require(head_dim % 2 == 0, 'model.d_model', m.d_model,
+             f'the head size d_model/num_heads={head_dim} must be even (rotary positions '
+             f'rotate pairs of dimensions); e.g. d_model={m.num_heads * (head_dim + 1)}')
     kv = m.num_kv_heads or m.num_heads
     _require(m.num_heads % kv == 0, 'model.num_kv_heads', m.num_kv_heads,
              f'must divide model.num_heads={m.num_heads} (0 = num_heads)')
@@ -75,13 +90,62 @@ def validate(cfg, num_devices: int) -> None:
     if m.moe_every:
         _require(m.moe_every <= m.num_layers, 'model.moe_every', m.moe_every,
                  f'must be <= model.num_layers={m.num_layers} or 0 for a dense model')
+    _check_scan(cfg)
+    _check_router_conventions(cfg)
     _check_mesh(cfg, num_devices)
+    _require(e.grouped_matmul != 'tokamax' or importlib.util.find_spec('tokamax') is not None,
+             'moe.grouped_matmul', e.grouped_matmul,
+             'tokamax is not installed: pip install "moejax[cuda]" (or tokamax>=0.0.17; needs '
+             "Python >= 3.12 and jax >= 0.11.1), or use 'auto', 'ragged_dot' or 'blocks'")
     micro = d.batch_size // cfg.opt.grad_accum
     dp = mesh_shape(cfg.mesh, num_devices)
     dp = dp['data'] * dp['fsdp'] * dp['expert']
     _require(micro % dp == 0, 'data.batch_size', d.batch_size,
              f'per-step micro-batch {micro} must divide by the data-parallel size '
              f'data*fsdp*expert={dp}')
+
+
+# Router conventions that only the top_k router has (its scores, gates, groups, aux loss).
+TOP_K_ONLY = {'score_fn': 'softmax', 'gate_norm': 'auto', 'routed_scaling_factor': 1.0,
+              'num_expert_groups': 0, 'aux_loss_norm': 'assignments'}
+
+
+def _check_router_conventions(cfg):
+    """Peer conventions (moe.score_fn ...): each applies to the routers that have it; expert
+    groups must split the experts evenly and leave every token at least top_k experts."""
+    e = cfg.moe
+    bpr = get(cfg, 'moe.batch_prioritized')
+    _require(isinstance(bpr, bool), 'moe.batch_prioritized', bpr, 'must be True or False')
+    for name, default in TOP_K_ONLY.items():
+        _require(e.router == 'top_k' or e[name] == default, f'moe.{name}', e[name],
+                 f"applies to moe.router='top_k' only (router is {e.router!r}); "
+                 f'leave it {default!r}')
+    _require(not e.batch_prioritized or e.router in ('top_k', 'noisy_top_k'),
+             'moe.batch_prioritized', True, "applies to moe.router 'top_k' or 'noisy_top_k' "
+             f'(experts choose their tokens under {e.router!r}); leave it False')
+    n, top = e.num_expert_groups, e.top_expert_groups
+    if not n:
+        _require(top == 0, 'moe.top_expert_groups', top,
+                 'needs moe.num_expert_groups > 0 (0 = no group-limited routing)')
+        return
+    _require(e.num_experts % n == 0, 'moe.num_expert_groups', n,
+             f'must divide moe.num_experts={e.num_experts}')
+    _require(1 <= top <= n, 'moe.top_expert_groups', top,
+             f'must be in [1, moe.num_expert_groups={n}]')
+    _require(e.top_k <= top * (e.num_experts // n), 'moe.top_k', e.top_k,
+             f'must be <= top_expert_groups * experts per group = {top * (e.num_experts // n)}')
+
+
+def _check_scan(cfg):
+    """model.scan_layers: None (auto) or a bool; scanning needs whole periods of layers."""
+    m = cfg.model
+    scan = get(cfg, 'model.scan_layers')
+    _require(scan in (None, True, False), 'model.scan_layers', scan,
+             'allowed: None (scan when num_layers >= 8), True, False')
+    period = m.moe_every or 1
+    _require(scan is not True or m.num_layers % period == 0, 'model.scan_layers', scan,
+             f'scanning needs model.num_layers={m.num_layers} to divide by model.moe_every='
+             f'{m.moe_every} (one period of layers is scanned); or set it False')
 
 
 def _check_kinds(cfg):
@@ -100,6 +164,10 @@ def _check_kinds(cfg):
     for key in POSITIVE_FLOATS:
         value = get(cfg, key)
         _require(_is_number(value) and value > 0, key, value, 'must be a finite number > 0')
+    for key in CAPACITY_FACTORS:
+        value = get(cfg, key)
+        _require(_is_number(value), key, value,
+                 'must be a finite number (<= 0: no drops, capacity = the group size)')
     for key in UNIT_INTERVAL:
         value = get(cfg, key)
         _require(_is_number(value) and 0 <= value < 1, key, value, 'must be in [0, 1)')
@@ -127,6 +195,24 @@ def _check_mesh(cfg, num_devices):
              f'must divide by mesh.fsdp={shape["fsdp"]} (weights are split over it)')
 
 
+SCAN_MIN_LAYERS = 8  # model.scan_layers=None: scan models at least this deep
+
+
+def scan_period(cfg) -> int:
+    """Layers per scanned period: moe_every - 1 dense blocks then one MoE block (1 if dense)."""
+    return cfg.model.moe_every or 1
+
+
+def scans_layers(cfg) -> bool:
+    """model.scan_layers resolved: None (auto) scans models of >= SCAN_MIN_LAYERS layers whose
+    layers split into whole periods; configs from before the key existed are unrolled."""
+    m = cfg.model
+    choice = m.get('scan_layers', False)
+    if choice is None:
+        return m.num_layers >= SCAN_MIN_LAYERS and m.num_layers % scan_period(cfg) == 0
+    return bool(choice)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
     """Axis sizes with a -1 resolved; their product must equal the device count."""
     sizes = {a: mesh_cfg[a] for a in MESH_AXES}
@@ -142,6 +228,18 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
     _require(product == num_devices, 'mesh', dict(sizes),
              f'the axis sizes multiply to {product} but there are {num_devices} devices')
     return sizes
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, num_samples=1) -> None:
+    """Generation settings (the generate command's flags): checked before a checkpoint loads."""
+    _require(_is_int(max_new_tokens) and max_new_tokens >= 1, '--max_new_tokens',
+             max_new_tokens, 'must be an integer >= 1')
+    _require(_is_number(temperature) and temperature >= 0, '--temperature', temperature,
+             'must be a finite number >= 0 (0 = greedy decoding)')
+    _require(_is_int(top_k) and top_k >= 0, '--top_k', top_k,
+             'must be an integer >= 0 (0 = sample from the whole vocabulary)')
+    _require(_is_int(num_samples) and num_samples >= 1, '--num_samples', num_samples,
+             'must be an integer >= 1')
 
 
 def _require(ok: bool, key: str, value, allowed: str):
@@ -182,13 +280,43 @@ def save_json(cfg, workdir: str) -> None:
 
 # Keys added after a run could have saved its config.json, with the value that reproduces the
 # behaviour such a run had: a saved run stays loadable (eval, generate, analyze) as keys appear.
-ADDED_KEYS = {'model.remat': 'none'}
+ADDED_KEYS = {'model.remat': 'none', 'model.scan_layers': False, 'model.attention': 'xla',
+              'model.attention_block': 128, 'moe.grouped_matmul': 'auto',
+              # router conventions (issue 17): the behaviour before they existed
+              'moe.score_fn': 'softmax', 'moe.gate_norm': 'auto', 'moe.routed_scaling_factor': 1.0,
+              'moe.num_expert_groups': 0, 'moe.top_expert_groups': 0,
+              'moe.batch_prioritized': False, 'moe.capacity_rule': 'gshard', 'moe.min_capacity': 1,
+              'moe.aux_loss_norm': 'assignments',
+              'train.spike_factor': 0.0}  # the loss-spike guard (issue 12) was off
+
+
+def _run_file(path: str) -> tuple[str, str]:
+    """('--workdir', the directory) for a message about a file of a run's workdir."""
+    return '--workdir', os.path.dirname(path) or '.'
 
 
 def from_json(path: str) -> ml_collections.ConfigDict:
-    """The config a run saved, with keys added since then set to their old behaviour."""
-    with open(path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
+    """The config a run saved, with keys added since then set to their old behaviour.
+
+    A damaged file (edited by hand, truncated, not JSON) is a ConfigError naming it.
+    """
+    try:
+        with open(path, encoding='utf-8') as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        reason = getattr(err, 'strerror', None) or str(err).splitlines()[0][:120]
+        raise ConfigError(*_run_file(path), f'{os.path.basename(path)} is not readable '
+                          f'({reason}); it records how the run was trained: restore it, or write '
+                          "it again from the run's config file (eval also accepts --config)"
+                          ) from None
+    groups = ('model', 'moe', 'mesh', 'data', 'opt', 'train')
+    missing = [g for g in groups if not isinstance(saved, dict) or
+               not isinstance(saved.get(g), dict)]
+    if missing:
+        raise ConfigError(*_run_file(path), f'{os.path.basename(path)} is not a run config (no '
+                          f'{", ".join(missing)} group); restore it, or write it again from the '
+                          "run's config file") from None
+    cfg = ml_collections.ConfigDict(saved)
     for key, value in ADDED_KEYS.items():
         group, name = key.split('.')
         if name not in cfg[group]:

@@ -5,6 +5,7 @@ with eval_* keys); on resume it is cut back to the restored step so curves never
 """
 import json
 import os
+import sys
 import time
 
 import jax
@@ -72,6 +73,32 @@ class MetricWriter:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a metrics.jsonl, in order, tolerating a writer killed mid-line.
+
+    A partial last line (what kill -9 leaves) is skipped without a word; any other line that is
+    not a JSON object (a damaged file) is skipped with one warning line naming the first.
+    """
+    with open(path, encoding='utf-8', errors='replace') as f:
+        lines = f.readlines()
+    records, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number < len(lines) or line.endswith('\n'):  # not the partial last line
+            bad.append(number)
+    if bad:
+        print(f'moejax: warning: {path}: skipped {len(bad)} unreadable line(s), the first is '
+              f'line {bad[0]}', file=sys.stderr, flush=True)
+    return records
 
 
 def _record_step(line: str) -> float:

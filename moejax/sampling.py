@@ -75,11 +75,16 @@ class Sampler:
         length and hold one document each (start them with the tokenizer's bos id, as the
         training data does). Temperature 0 is greedy; top_k 0 samples from the whole vocab.
         """
-        if max_new_tokens < 1:
-            raise ConfigError('--max_new_tokens', max_new_tokens, 'must be >= 1')
+        config_lib.check_sampling_args(_plain(max_new_tokens), _plain(temperature),
+                                       _plain(top_k))
         return self._run(self.state, jnp.asarray(prompt_BP, jnp.int32), jax.random.key(seed),
                          jnp.float32(max(temperature, 0.0)), max_new_tokens=int(max_new_tokens),
                          greedy=temperature <= 0, top_k=int(top_k))
+
+
+def _plain(value):
+    """A NumPy scalar as the Python int or float it holds (other values unchanged)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def generate(model, prompt_BP, max_new_tokens: int, *, temperature: float = 0.0,
@@ -135,17 +140,26 @@ def continuation_text(tokenizer, tokens) -> str:
     return tokenizer.decode(tokens)
 
 
+def check_length(prompt: str, prompt_len: int, max_new_tokens: int, max_len: int) -> None:
+    """Prompt (with bos) + new tokens must fit the model's positions; blame what overflows."""
+    if prompt_len >= max_len:
+        shown = prompt if len(prompt) <= 24 else prompt[:24] + '...'
+        raise ConfigError('--prompt', shown, f'is {prompt_len} tokens with bos, which leaves no '
+                          f'room for new tokens in model.max_len={max_len}: shorten it to at most '
+                          f'{max_len - 1} tokens with bos')
+    if prompt_len + max_new_tokens > max_len:
+        raise ConfigError('--max_new_tokens', max_new_tokens,
+                          f'prompt ({prompt_len} tokens with bos) + new tokens must be <= '
+                          f'model.max_len={max_len}; use at most {max_len - prompt_len}')
+
+
 def generate_text(loaded: Loaded, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, seed: int = 0, num_samples: int = 1) -> list[str]:
     """num_samples continuations of `prompt` (the prompt text is not repeated in them)."""
+    config_lib.check_sampling_args(*map(_plain, (max_new_tokens, temperature, top_k,
+                                                 num_samples)))
     ids = prompt_ids(loaded.tokenizer, prompt)
-    limit = loaded.cfg.model.max_len
-    if len(ids) + max_new_tokens > limit:
-        raise ConfigError('--max_new_tokens', max_new_tokens,
-                          f'prompt ({len(ids)} tokens with bos) + new tokens must be <= '
-                          f'model.max_len={limit}; use at most {max(limit - len(ids), 0)}')
-    if num_samples < 1:
-        raise ConfigError('--num_samples', num_samples, 'must be >= 1')
+    check_length(prompt, len(ids), max_new_tokens, loaded.cfg.model.max_len)
     prompt_BP = np.tile(np.asarray(ids, np.int32), (num_samples, 1))
     tokens_BN, _ = loaded.sampler.generate(prompt_BP, max_new_tokens, temperature=temperature,
                                            top_k=top_k, seed=seed)

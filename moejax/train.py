@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 
 import flax.struct
 import jax
@@ -27,7 +26,11 @@ from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import optim, sharding
+from moejax import workdir as workdir_lib
 from moejax.errors import ConfigError
+# NonFiniteError and StopSignal are also used as train.NonFiniteError, train.StopSignal.
+from moejax.guards import (GoodCheckpoints, NonFiniteError, SkipCounter, SpikeGuard,  # noqa: F401
+                           StopSignal, exit_now_130, spike_factor)
 
 
 @flax.struct.dataclass
@@ -137,16 +140,17 @@ def micro_shares(cfg, segment_ids_BT, num_micro: int) -> dict:
     return {'tokens': share(tokens_M), 'groups': share(groups_M)}
 
 
-def train_step(setup: Setup, state: TrainState, batch):
+def train_step(setup: Setup, state: TrainState, batch, max_loss=None):
     """One optimizer step over the global batch, split into opt.grad_accum micro-batches of
-    consecutive rows (with jitter or noisy routing, each micro-batch draws its own noise)."""
+    consecutive rows (with jitter or noisy routing, each micro-batch draws its own noise).
+    With max_loss (the spike guard's threshold), a larger loss skips the step too."""
     num_micro = setup.cfg.opt.grad_accum
     num_tokens = jnp.maximum(jnp.sum(batch['segment_ids'] > 0), 1).astype(jnp.float32)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if num_micro == 1:
         whole = {'tokens': 1.0, 'groups': 1.0}
         grads, (parts, stats) = micro_grads(setup, state, batch, rng, num_tokens, whole)
-        return apply_gradients(setup, state, grads, parts, stats, num_tokens)
+        return apply_gradients(setup, state, grads, parts, stats, num_tokens, max_loss)
 
     micro = jax.tree.map(lambda x: x.reshape(num_micro, -1, *x.shape[1:]), batch)
     shares = micro_shares(setup.cfg, batch['segment_ids'], num_micro)
@@ -156,15 +160,18 @@ def train_step(setup: Setup, state: TrainState, batch):
     accumulate = lambda total, i: (jax.tree.map(jnp.add, total, grad_fn(i)), None)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, 0))
     (grads, (parts, stats)), _ = jax.lax.scan(accumulate, zeros, jnp.arange(num_micro))
-    return apply_gradients(setup, state, grads, parts, stats, num_tokens)
+    return apply_gradients(setup, state, grads, parts, stats, num_tokens, max_loss)
 
 
-def apply_gradients(setup, state, grads, parts, stats, num_tokens):
-    """Optimizer update, skipped (and counted) when the loss or a gradient is not finite."""
+def apply_gradients(setup, state, grads, parts, stats, num_tokens, max_loss=None):
+    """Optimizer update, skipped (and counted) when the loss or a gradient is not finite, or
+    the loss exceeds max_loss."""
     cfg = setup.cfg
     grad_norm = optax.tree.norm(grads)
     loss = total_loss(parts, cfg.moe)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if max_loss is not None:
+        finite &= loss <= max_loss
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -177,6 +184,7 @@ def apply_gradients(setup, state, grads, parts, stats, num_tokens):
     if stats:
         metrics.update(expert_load=stats['expert_load'],
                        dropped_fraction=jnp.mean(stats['dropped_fraction']),
+                       tokens_left_behind=jnp.mean(stats['tokens_left_behind']),
                        router_entropy=jnp.mean(stats['router_entropy']),
                        top1_prob=jnp.mean(stats['top1_prob']))
     return new_state, metrics
@@ -192,13 +200,16 @@ def update_balance_bias(setup, state, stats):
     return nnx.split(model, nnx.Param, ...)[2]
 
 
-def compile_steps(setup: Setup):
+def compile_steps(setup: Setup, *, spike_guard: bool = False):
     """The jitted train and eval steps, with shardings pinned and the train state donated.
 
-    Both trace under the mesh, so the model's sharding constraints and shard_maps see it."""
+    Both trace under the mesh, so the model's sharding constraints and shard_maps see it. With
+    spike_guard the train step takes a third argument, the largest loss it may apply."""
     in_mesh = functools.partial(mesh_lib.traced_in, setup.mesh)
-    train = jax.jit(in_mesh(functools.partial(train_step, setup)),
-                    in_shardings=(setup.state_shardings, setup.batch_sharding),
+    in_shardings = (setup.state_shardings, setup.batch_sharding)
+    if spike_guard:
+        in_shardings += (NamedSharding(setup.mesh, P()),)
+    train = jax.jit(in_mesh(functools.partial(train_step, setup)), in_shardings=in_shardings,
                     out_shardings=(setup.state_shardings, None), donate_argnums=0)
     s = setup.state_shardings
     evaluate = jax.jit(in_mesh(functools.partial(evaluate_lib.eval_step, setup.graphdef)),
@@ -210,36 +221,6 @@ def global_batch(setup: Setup, host_batch: dict) -> dict:
     """Assemble the global batch from each process's rows (no data crosses hosts)."""
     return {k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(v))
             for k, v in host_batch.items()}
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a request to checkpoint and exit after the current step.
-
-    Installed before setup, so a preemption notice during compilation is not lost; a second
-    signal means "stop now" (KeyboardInterrupt), for an impatient Ctrl-C.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            self.restore()
-            raise KeyboardInterrupt(f'signal {signum} received twice')
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Every process must stop at the same step: stop if any one was signalled."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            flags = multihost_utils.process_allgather(np.int32(self.requested))
-            self.requested = bool(np.any(flags))
-        return self.requested
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 @dataclasses.dataclass
@@ -255,23 +236,64 @@ class Run:
     writer: metrics_lib.MetricWriter
 
 
-def prepare(cfg, workdir: str, *, for_training: bool = True) -> Run:
-    """Validate, then build mesh, tokenizer, data and compiled steps (the setup phase)."""
+def prepare(cfg, workdir: str, *, for_training: bool = True, restart: bool = False) -> Run:
+    """Validate, then build mesh, tokenizer, data and compiled steps (the setup phase).
+
+    A training run first checks the config against the workdir's saved run (resume_guard)."""
     config_lib.validate(cfg, jax.device_count())
     config_lib.check_workdir(workdir)
     data_lib.check_data(cfg)
     chief = jax.process_index() == 0
+    if for_training:
+        resume_guard(cfg, workdir, restart)
     tokenizer = shared_tokenizer(cfg, workdir)
     if chief and for_training:
         config_lib.save_json(cfg, workdir)
     setup = make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    train_fn, eval_fn = compile_steps(setup)
+    train_fn, eval_fn = compile_steps(setup, spike_guard=spike_factor(cfg) > 0)
     byte_lengths = np.zeros(cfg.data.vocab_size, np.float32)
     byte_lengths[:tokenizer.vocab_size] = tokenizer.byte_lengths()
     return Run(setup, tokenizer, train_fn, eval_fn, [], jnp.asarray(byte_lengths),
                checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints,
                                            read_only=not for_training, cleanup_tmp=for_training),
                metrics_lib.MetricWriter(workdir, enabled=chief and for_training))
+
+
+def resume_guard(cfg, workdir: str, restart: bool) -> None:
+    """Before anything is written: with restart, set the old run aside; else refuse a config
+    that does not fit the saved checkpoints, and record the changes that do (config.json is
+    then rewritten with the config in use)."""
+    chief = jax.process_index() == 0
+    if restart and chief:
+        workdir_lib.set_aside_run(workdir)
+    if restart:
+        _sync('moejax_restart')
+        return
+    saved_cfg, changes = workdir_lib.check_resume(cfg, workdir)
+    changed_opt = {k: v for k, v in changes.items() if k.startswith('opt.')}
+    if changed_opt and not same_optimizer_state(cfg, saved_cfg):
+        raise workdir_lib.refusal(workdir, changed_opt, "they change the optimizer state's "
+                                  'structure, which the checkpoints hold')
+    if chief:
+        steps = workdir_lib.saved_steps(workdir)
+        workdir_lib.record_changes(workdir, changes, steps[-1] if steps else None)
+
+
+def same_optimizer_state(cfg, saved_cfg) -> bool:
+    """Whether the saved config's optimizer state has this config's structure and shapes."""
+    tx = optim.make_optimizer(cfg.opt, cfg.train.num_steps)
+    abstract = jax.eval_shape(lambda: new_state(cfg, tx, 0)[1])
+    saved_tx = optim.make_optimizer(saved_cfg.opt, saved_cfg.train.num_steps)
+    saved = jax.eval_shape(saved_tx.init, abstract.params)
+    describe = lambda tree: (jax.tree.structure(tree),
+                             [(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+    return describe(saved) == describe(abstract.opt_state)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def shared_tokenizer(cfg, workdir):
@@ -301,10 +323,16 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
     """The state phase: the newest restorable checkpoint, or a fresh initialisation.
 
     Returns (state, loop_state): loop_state is what the checkpoint saved beside the train state
-    (the data position, the skip counters); {} for a fresh start.
-    """
+    (the data position, the skip counters); {} for a fresh start. A workdir whose checkpoints
+    were all set aside (damaged, or diverged) is not silently started over."""
     restored = run.checkpointer.restore(run.setup.abstract_state)
     if restored is None:
+        aside = workdir_lib.set_aside_checkpoints(run.checkpointer.workdir)
+        if aside:
+            raise ConfigError('--workdir', run.checkpointer.workdir, (
+                f'holds no checkpoint to resume from, only ones set aside earlier '
+                f'({", ".join(aside[:4])}{", ..." if len(aside) > 4 else ""}); pass --restart '
+                'to set the old run aside (nothing is deleted) and start over from step 0'))
         return init_state(run.setup, run.setup.cfg.train.seed), {}
     state, loop_state, step = restored
     if loop_state.get('next_batch') != int(state.step):
@@ -313,21 +341,47 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
     return state, loop_state
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
-    """Train to cfg.train.num_steps (resuming if checkpoints exist); returns the last metrics."""
-    stop = StopSignal()
+def train_and_evaluate(cfg, workdir: str, *, restart: bool = False) -> dict:
+    """Train to cfg.train.num_steps (resuming if checkpoints exist); returns the last metrics.
+
+    Process 0 holds the workdir's lock from setup to exit: one trainer per workdir. With
+    restart, an earlier run in the workdir is moved to previous_runs/ (nothing is deleted)."""
+    config_lib.check_workdir(workdir)
+    lock = workdir_lib.WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        lock.acquire()
+    stop = StopSignal(exit_now=exit_now_130(lock))
     try:
         # Setup: everything below fails fast, before data is read or anything compiles.
-        run = prepare(cfg, workdir)
+        run = prepare(cfg, workdir, restart=restart)
     except BaseException:
         stop.restore()
+        lock.release()
         raise
     try:
-        return train_steps(run, stop)
-    finally:
-        stop.restore()
-        run.checkpointer.close()
-        run.writer.close()
+        result = train_steps(run, stop)
+    except BaseException:
+        finish(run, lock, stop, failing=True)
+        raise
+    finish(run, lock, stop, failing=False)
+    return result
+
+
+def finish(run: Run, lock, stop: 'StopSignal', *, failing: bool) -> None:
+    """Wait for the last save, close the writers, release the lock, remove the handlers (still
+    under StopSignal until then: one signal waits for the save, two exit 130). The first error
+    is raised unless another one is already on its way (a full disk breaks both writers: the
+    failed save is the one to report)."""
+    errors = []
+    for close in (run.checkpointer.close, run.writer.close):
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - collected, the first one raised below
+            errors.append(err)
+    lock.release()
+    stop.restore()
+    if errors and not failing:
+        raise errors[0]
 
 
 def train_steps(run: Run, stop: StopSignal) -> dict:
@@ -342,70 +396,50 @@ def train_steps(run: Run, stop: StopSignal) -> dict:
     meter = metrics_lib.Throughput(model_lib.flops_per_token(cfg))
     progress = metrics_lib.Progress(t.num_steps, enabled=jax.process_index() == 0)
     skips, last = SkipCounter(t.max_skipped_steps, **loop_state.get('skips', {})), {'step': start}
+    good = GoodCheckpoints.at_resume(run.checkpointer, start)
+    spikes = SpikeGuard(spike_factor(cfg), loop_state.get('recent_losses', []))
     if stop.agreed():
         print(f'Stop requested before step {start + 1}; nothing new to save; exiting.', flush=True)
         return last
     for step, host_batch in zip(range(start, t.num_steps), train_data.iterate(start)):
-        state, metrics = run.train_step(state, global_batch(run.setup, host_batch))
+        state, metrics = run.train_step(state, global_batch(run.setup, host_batch),
+                                        *spikes.threshold())
         done = step + 1
         skips.update(int(metrics['skipped']))
+        spikes.update(metrics)
+        good.after_step(skipped=skips.in_a_row > 0)
         meter.step(metrics['tokens'])
         if done % t.log_every == 0 or done == t.num_steps:
             rec = dict(jax.device_get(metrics), **meter.read(), skipped_steps=skips.total)
             run.writer.write(done, rec)
             progress.log(done, rec, done - start)
             last = {'step': done, **rec}
-        skips.check(done)  # after logging, so the non-finite step is on record
+        if skips.in_a_row >= skips.limit:  # after logging, so the non-finite step is on record
+            raise good.stopped_by_guard(skips, done)
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             last.update(log_eval(run, state, done))
             meter.pause()
         stopping = stop.agreed()  # asked of every process at every step, so all stop together
         if done % t.checkpoint_every == 0 or stopping:
-            run.checkpointer.save(done, state, loop_state_at(done, skips))
+            good.save(done, state, loop_state_at(done, skips, spikes), skips)
             meter.pause()
         if stopping:
-            print(f'Stop requested: saved step {done}; exiting.', flush=True)
+            print(f'Stop requested: {good.said(done)}; exiting.', flush=True)
             return last
     # Finish: a final evaluation and checkpoint (skipped if there was nothing to do).
     done = int(state.step)
     if done > start or not run.checkpointer.steps():
         last.update(log_eval(run, state, done))
-        run.checkpointer.save(done, state, loop_state_at(done, skips))
+        good.save(done, state, loop_state_at(done, skips, spikes), skips)
+        if skips.in_a_row:
+            print(f'Finished: {good.said(done)}.', flush=True)
     return last
 
 
-def loop_state_at(step: int, skips: 'SkipCounter') -> dict:
-    """What a checkpoint holds beside the train state: the data position and skip counters."""
-    return {'next_batch': step, 'skips': skips.state()}
-
-
-class SkipCounter:
-    """Counts non-finite steps; too many in a row stops the run (the last checkpoint stays).
-
-    Its counts are checkpointed, so a resumed run stops exactly where the uninterrupted one would.
-    """
-
-    def __init__(self, limit: int, in_a_row: int = 0, total: int = 0):
-        self.limit, self.in_a_row, self.total = limit, in_a_row, total
-
-    def state(self) -> dict:
-        return {'in_a_row': self.in_a_row, 'total': self.total}
-
-    def update(self, skipped: int) -> None:
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
-        self.total += skipped
-
-    def check(self, step: int) -> None:
-        """Raise NonFiniteError once train.max_skipped_steps steps in a row were skipped."""
-        if self.in_a_row >= self.limit:
-            raise NonFiniteError(
-                f'{self.in_a_row} steps in a row had a non-finite loss or gradient '
-                f'(train.max_skipped_steps={self.limit}); stopped at step {step}; the last '
-                f'checkpoint is intact. Try a lower opt.lr or opt.clip_norm.')
-
-
-class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row."""
+def loop_state_at(step: int, skips: 'SkipCounter', spikes: 'SpikeGuard') -> dict:
+    """What a checkpoint holds beside the train state: the data position, skip counters and
+    the spike guard's recent losses."""
+    return {'next_batch': step, 'skips': skips.state(), **spikes.state()}
 
 
 def log_eval(run: Run, state: TrainState, step: int) -> dict:

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import ml_collections
+
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +18,16 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         group = cfg.model if key in MODEL_KEYS else cfg.moe
         setattr(group, key, value)
+    return cfg
+
+
+def moe_cfg(**overrides):
+    """A router's config group (moe.*) with small defaults, for routing tests."""
+    cfg = ml_collections.ConfigDict(dict(
+        num_experts=4, router='top_k', top_k=1, capacity_factor=1.0, eval_capacity_factor=2.0,
+        balance='aux_loss', aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
+        bias_update_rate=1e-3))
+    cfg.update(overrides)
     return cfg
 
 

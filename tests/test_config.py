@@ -14,7 +14,7 @@ BAD = [
     ('model.dtype', 'float16', 'allowed: float32, bfloat16'),
     ('opt.name', 'sgd', 'allowed: adamw, adafactor'),
     ('model.num_layers', 0, 'integer >= 1'),
-    ('moe.capacity_factor', -1.0, '> 0'),
+    ('moe.capacity_factor', float('nan'), 'finite number'),  # <= 0 is allowed: no drops
     ('model.num_heads', 3, 'must divide by model.num_heads=3'),  # reported on model.d_model
     ('moe.top_k', 9, '<= moe.num_experts'),
     ('model.max_len', 8, '>= data.seq_len'),

@@ -36,19 +36,6 @@ TIMING_KEYS = ('tokens_per_sec', 'mfu')  # differ between runs by nature; all el
 
 
 @pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-    """python_stdlib and its packed rows, prepared once (~10 s) for every process to share."""
-    path = tmp_path_factory.getbasetemp() / 'moejax_data'
-    from moejax import data as data_lib
-    cfg = tiny_config()
-    cfg.data.data_dir = str(path)
-    tokenizer = data_lib.get_tokenizer(cfg)
-    data_lib.train_batches(cfg, tokenizer)
-    data_lib.eval_batches(cfg, tokenizer, 'validation')
-    return str(path)
-
-
-@pytest.fixture(scope='session')
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache for the interrupted runs: each restart skips recompiling (~10 s).
     The reference run compiles afresh, so results are also compared across compilations."""
@@ -246,11 +233,12 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_dir, tmp_path):
     assert np.isfinite(rows[0]['loss']) and rows[0]['skipped'] == 0
     assert all(not np.isfinite(r['loss']) and r['skipped'] == 1 for r in rows[1:])
     assert [r['skipped_steps'] for r in rows] == [0, 1, 2, 3]
-    # The checkpoints written before the stop are whole.
-    steps = saved_steps(workdir)
-    assert steps == [1, 2, 3]
-    for step in steps:
-        assert checkpoint_lib.verify_digest(os.path.join(workdir, 'checkpoints', str(step)))
+    # Nothing is saved while steps are skipped; checkpoint 1, whose weights gave the first
+    # skipped step, is moved aside whole (no earlier one is known good: the message says so).
+    assert saved_steps(workdir) == []
+    [aside] = glob.glob(os.path.join(workdir, 'diverged_checkpoints', '1-*'))
+    assert checkpoint_lib.verify_digest(aside)
+    assert 'No checkpoint before the first skipped step is known good' in lines[0]
 
 
 # ---------------------------------------------------------------------------- unit tests

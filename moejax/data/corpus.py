@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import sysconfig
 import tempfile
 from typing import Callable, Sequence
@@ -23,6 +24,8 @@ from moejax.errors import ConfigError
 tfds.disable_progress_bar()
 
 VALIDATION_PER_MILLE = 50  # ~5% of documents (by a stable hash) form the validation split
+BINARY_PROBE_BYTES = 8192  # text_files: a NUL byte in this many first bytes marks a binary file
+SMALL_CORPUS_BYTES = 1 << 20  # a 'lines' corpus this small is split when opened (it is cheap)
 TEXT_SPLITS = ('train', 'validation')
 
 
@@ -72,6 +75,19 @@ def is_validation(relative_path: str) -> bool:
 
 def split_of(relative_path: str) -> str:
     return 'validation' if is_validation(relative_path) else 'train'
+
+
+def validation_flags(keys: Sequence[str]) -> list[bool]:
+    """is_validation for each key, made sure to leave neither split empty when there are two
+    or more documents: a small corpus whose hashes all fall on one side gives the document with
+    the smallest (or, for an empty train split, the largest) sha256 to the other side.
+    Depends on the keys alone, so it is stable across runs and machines."""
+    flags = [is_validation(k) for k in keys]
+    if len(keys) >= 2 and len(set(flags)) == 1:
+        digest = lambda i: hashlib.sha256(keys[i].encode('utf-8')).digest()
+        pick = max if flags[0] else min
+        flags[pick(range(len(keys)), key=digest)] = not flags[0]
+    return flags
 
 
 class Documents:
@@ -197,45 +213,110 @@ def _read_text(path: str) -> str:
         return f.read().decode('utf-8', errors='replace')
 
 
-def _text_files_key(cfg, paths: list[str]) -> str:
-    """Names the corpus by its files' paths, sizes and mtimes: edited files invalidate caches."""
+def is_binary(path: str) -> bool:
+    """A NUL byte in the first BINARY_PROBE_BYTES marks a binary file (git's rule)."""
+    with open(path, 'rb') as f:
+        return b'\0' in f.read(BINARY_PROBE_BYTES)
+
+
+def _is_utf8(path: str) -> bool:
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        raw.decode('utf-8')
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@functools.cache
+def _warn_about_files(pattern: str, binary: tuple[str, ...], texts: tuple[str, ...]) -> None:
+    """Reads the text files once per process; one warning line counts the binary files left
+    out and the files decoded with replacement characters (not valid UTF-8)."""
+    undecodable = [p for p in texts if not _is_utf8(p)]
+    if binary or undecodable:
+        examples = ', '.join(os.path.basename(p) for p in (binary[:1] + tuple(undecodable[:1])))
+        print(f'moejax: warning: data.text_glob={pattern!r}: skipped {len(binary)} binary '
+              f'file(s) (NUL bytes); {len(undecodable)} file(s) are not valid UTF-8 and are read '
+              f'with replacement characters (e.g. {examples})', file=sys.stderr, flush=True)
+
+
+def _text_files_key(cfg, paths: list[str], extras: dict) -> str:
+    """Names the corpus by its files' paths, sizes and mtimes: edited files invalidate caches.
+    `extras` (binary files left out, split moves) enter only when present, so the caches of a
+    corpus they do not concern keep their names."""
     stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-    blob = json.dumps([cfg.data.text_format, stats]).encode()
+    blob = json.dumps([cfg.data.text_format, stats] + ([extras] if extras else [])).encode()
     return 'text_files-' + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def open_text_files(cfg, split: str) -> Documents:
-    """text_files split: one document per file, or per non-empty line ('lines'), by path hash."""
+    """text_files split: one document per file, or per non-empty line ('lines'), by path hash.
+
+    Binary files are left out; one warning line counts them and the files that are not UTF-8
+    (read with replacement characters) when the corpus is first read.
+    """
     if split not in TEXT_SPLITS:
         raise ConfigError('split', split, f'text_files has the splits {", ".join(TEXT_SPLITS)}')
-    paths = text_file_paths(cfg)
-    relative = _relative_paths(paths)
+    all_paths = text_file_paths(cfg)
+    # Relative to the common directory of every match, so leaving a file out moves no other.
+    files = list(zip(all_paths, _relative_paths(all_paths)))
+    binary = {p for p in all_paths if is_binary(p)}
+    usable = [(p, r) for p, r in files if p not in binary]
+    if not usable:
+        raise ConfigError('data.text_glob', cfg.data.text_glob, f'all {len(all_paths)} matched '
+                          'file(s) are binary (NUL bytes); give a glob of UTF-8 text files')
+    extras = {'binary': [r for p, r in files if p in binary]} if binary else {}
+    warn = lambda: _warn_about_files(cfg.data.text_glob, tuple(sorted(binary)),
+                                     tuple(p for p, _ in usable))
 
     def nonempty(items: list) -> list:
         if not items:
             raise ConfigError('data.text_glob', cfg.data.text_glob,
                               f'the {split} split is empty: documents go to validation by a '
-                              f'hash of their path (~5%) and {len(paths)} file(s) matched; add '
-                              'documents or use data.text_format=lines')
+                              f'hash of their path (~5%, at least one of two or more) and '
+                              f'{len(usable)} usable file(s) matched; add documents or use '
+                              'data.text_format=lines')
         return items
 
     if cfg.data.text_format == 'files':
-        chosen = nonempty([p for p, r in zip(paths, relative) if split_of(r) == split])
-        return Documents(_text_files_key(cfg, paths), len(chosen),
-                         lambda indices: [_read_text(chosen[i]) for i in indices])
+        flags = validation_flags([r for _, r in usable])
+        moved = [r for (_, r), flag in zip(usable, flags) if flag != is_validation(r)]
+        extras.update({'moved': moved} if moved else {})
+        chosen = nonempty([p for (p, _), flag in zip(usable, flags)
+                           if flag == (split == 'validation')])
+
+        def fetch(indices):
+            warn()
+            return [_read_text(chosen[i]) for i in indices]
+        return Documents(_text_files_key(cfg, all_paths, extras), len(chosen), fetch)
 
     @functools.cache
-    def lines() -> list[str]:  # read only when a cache is built
-        found = []
-        for path, rel in zip(paths, relative):
-            for number, line in enumerate(_read_text(path).split('\n')):
-                line = line.removesuffix('\r')
-                if line.strip() and split_of(f'{rel}:{number}') == split:
-                    found.append(line)
-        return nonempty(found)
+    def lines() -> dict:  # read only when a cache is built (or the corpus is small)
+        warn()
+        return _split_lines(usable)
 
-    return Documents(_text_files_key(cfg, paths), lambda: len(lines()),
-                     lambda indices: [lines()[i] for i in indices])
+    if sum(os.path.getsize(p) for p, _ in usable) < SMALL_CORPUS_BYTES and lines()['moved']:
+        extras['moved'] = lines()['moved']  # a large corpus always has validation lines
+    chosen = lambda: nonempty(lines()[split])
+    return Documents(_text_files_key(cfg, all_paths, extras), lambda: len(chosen()),
+                     lambda indices: [chosen()[i] for i in indices])
+
+
+def _split_lines(usable: list[tuple[str, str]]) -> dict:
+    """{'train': lines, 'validation': lines, 'moved': keys} of the non-empty lines of the
+    files, each split by the hash of 'relative_path:line_number'."""
+    keys, texts = [], []
+    for path, rel in usable:
+        for number, line in enumerate(_read_text(path).split('\n')):
+            line = line.removesuffix('\r')
+            if line.strip():
+                keys.append(f'{rel}:{number}')
+                texts.append(line)
+    flags = validation_flags(keys)
+    return {'validation': [t for t, flag in zip(texts, flags) if flag],
+            'train': [t for t, flag in zip(texts, flags) if not flag],
+            'moved': [k for k, flag in zip(keys, flags) if flag != is_validation(k)]}
 
 
 # ------------------------------------------------------------------------------------ TFDS

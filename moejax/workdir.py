@@ -1,0 +1,273 @@
+"""A training workdir's guards: one writer at a time (a lock file), and a resume guard that
+compares the command's config with the one the saved checkpoints were trained with.
+
+The lock is a file created atomically (O_EXCL) by process 0, naming host, pid and start time. A
+lock whose holder is a dead process on this host is stale and replaced; one held from another
+host (a shared filesystem) cannot be checked from here, and the refusal says which file to
+delete once that run is known to be gone. Readers (eval, generate, analyze) take no lock.
+"""
+import datetime
+import json
+import os
+import shutil
+import socket
+import time
+
+from moejax.errors import ConfigError
+
+LOCK = 'train.lock'
+CHANGES = 'config_changes.jsonl'
+PREVIOUS_RUNS = 'previous_runs'
+SET_ASIDE = ('unreadable_checkpoints', 'diverged_checkpoints')
+
+# Keys that may change when a run resumes: they steer the run (length, cadence, retention,
+# guards), or choose how the same function is computed and restore across layouts (mesh, comm,
+# remat, attention and matmul implementations, the data's location), or set optimizer
+# hyperparameters (a run stopped by the NaN guard resumes with a lower lr). A change of optimizer
+# hyperparameter that alters the optimizer state's structure (clip_norm 0 <-> > 0) is refused by
+# a separate structure check. opt.grad_accum splits the same global batch into micro-batches
+# whose gradients add up to the whole batch's (same state, same data order): a memory knob.
+# Every other key, including keys this list does not know yet, changes the saved state, the
+# model function or the data order, and is refused.
+STEERING = frozenset({
+    'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+    'train.keep_checkpoints', 'train.max_skipped_steps',
+    'data.eval_batches', 'data.data_dir',
+    'model.remat', 'model.attention', 'model.attention_block', 'moe.comm', 'moe.grouped_matmul',
+    'opt.lr', 'opt.schedule', 'opt.warmup_steps', 'opt.clip_norm', 'opt.weight_decay',
+    'opt.b1', 'opt.b2', 'opt.grad_accum'})
+STEERING_GROUPS = ('mesh.',)
+
+
+# ------------------------------------------------------------------------------------- lock
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux), to tell a reused pid from the holder."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+class WorkdirLock:
+    """The workdir's single-writer lock, held by a trainer's process 0 from start to exit."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK)
+        self.held = False
+
+    def acquire(self) -> None:
+        """Create the lock file, replacing a stale one; ConfigError naming a live holder."""
+        pid = os.getpid()
+        me = {'host': socket.gethostname(), 'pid': pid, 'pid_start': _process_start(pid),
+              'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None and not os.path.exists(self.path):
+                    continue  # released meanwhile
+                if self._stale(holder) and self._take_stale(holder):
+                    continue
+                raise self._refusal(holder)
+            with os.fdopen(fd, 'w') as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise self._refusal(self._holder())
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict | None) -> bool:
+        """A lock is stale when its holder is a dead process on this host."""
+        if holder is None:  # being written this instant, or unreadable: not ours to judge
+            return False
+        return holder.get('host') == socket.gethostname() and \
+            not _alive(int(holder.get('pid', -1)), holder.get('pid_start'))
+
+    def _take_stale(self, holder: dict) -> bool:
+        """Move the stale lock away atomically; False if someone else's lock was moved instead
+        (a racing start replaced it first), which is then put back."""
+        aside = f'{self.path}.stale.{os.getpid()}'
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        with open(aside) as f:
+            moved = f.read()
+        if json.loads(moved or 'null') != holder:
+            os.rename(aside, self.path)
+            return False
+        os.unlink(aside)
+        print(f'Removed a stale lock left by pid {holder.get("pid")} on this host '
+              f'(started {holder.get("started")}).', flush=True)
+        return True
+
+    def _refusal(self, holder: dict | None) -> ConfigError:
+        who = 'another trainer' if holder is None else (
+            f'another trainer: host {holder.get("host")}, pid {holder.get("pid")}, '
+            f'started {holder.get("started")}')
+        return ConfigError('--workdir', os.path.dirname(self.path), (
+            f'is in use by {who} (lock file {self.path}). Wait for that run to end or stop it; '
+            'if it is gone (killed on another machine of a shared filesystem), delete the lock '
+            'file and start again'))
+
+    def release(self) -> None:
+        """Remove the lock if this process still holds it (never another run's)."""
+        if not self.held:
+            return
+        self.held = False
+        holder = self._holder()
+        if holder is not None and holder.get('pid') == os.getpid() and \
+                holder.get('host') == socket.gethostname():
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+# ------------------------------------------------------------------------------ resume guard
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Committed checkpoints in workdir/checkpoints (Orbax renames a finished save to its step)."""
+    directory = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def set_aside_checkpoints(workdir: str) -> list[str]:
+    """Checkpoints an earlier run moved aside (damaged bytes, or weights that diverged)."""
+    found = []
+    for name in SET_ASIDE:
+        directory = os.path.join(workdir, name)
+        if os.path.isdir(directory):
+            found += [os.path.join(name, entry) for entry in sorted(os.listdir(directory))]
+    return found
+
+
+def is_steering(key: str) -> bool:
+    return key in STEERING or key.startswith(STEERING_GROUPS)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = json.loads(json.dumps(value))  # tuples as lists, like JSON
+    return flat
+
+
+ABSENT = '(absent)'
+
+
+def config_changes(saved_cfg, cfg) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for every key of cfg that differs from the saved config.
+
+    Keys only the saved config has are ignored: this code no longer reads them. Keys with an
+    automatic value compare as resolved (scan_layers None is whatever the depth implies)."""
+    from moejax import config as config_lib
+    old, new = _flatten(saved_cfg.to_dict()), _flatten(cfg.to_dict())
+    old['model.scan_layers'] = config_lib.scans_layers(saved_cfg)
+    new['model.scan_layers'] = config_lib.scans_layers(cfg)
+    return {key: (old.get(key, ABSENT), value) for key, value in sorted(new.items())
+            if old.get(key, ABSENT) != value}
+
+
+def load_saved_config(workdir: str):
+    """The config the saved checkpoints were trained with (None if there is no saved state)."""
+    from moejax import config as config_lib
+    if not (saved_steps(workdir) or set_aside_checkpoints(workdir)):
+        return None
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise ConfigError('--workdir', workdir, 'holds checkpoints but no config.json to check '
+                          'this config against; put it back, or pass --restart to set the old '
+                          'run aside (nothing is deleted) and start over')
+    try:
+        return config_lib.from_json(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ConfigError('--workdir', workdir, f'{path} is unreadable ({type(err).__name__}: '
+                          f'{" ".join(str(err).split())[:120]}); cannot check this config '
+                          'against the saved checkpoints; repair it, or pass --restart') from None
+
+
+def refusal(workdir: str, refused: dict, why: str) -> ConfigError:
+    """The one-line refusal of a resume whose config does not fit the saved run."""
+    listed = '; '.join(f'{key} {old!r} -> {new!r}' for key, (old, new) in refused.items())
+    return ConfigError('--workdir', workdir, (
+        f'was trained with a different config: {listed} ({why}). Nothing was changed. Use a '
+        'new --workdir for this config (for a deliberate change of model, start it from this '
+        'run with the import/upcycle path), rerun without these flags to resume, or pass '
+        '--restart to set this run aside (nothing is deleted) and start over here'))
+
+
+def check_resume(cfg, workdir: str):
+    """(saved config, allowed changes) for a workdir with saved state; (None, {}) without.
+
+    Raises ConfigError (exit 2, one line) when a key outside STEERING changed."""
+    saved_cfg = load_saved_config(workdir)
+    if saved_cfg is None:
+        return None, {}
+    changes = config_changes(saved_cfg, cfg)
+    refused = {k: v for k, v in changes.items() if not is_steering(k)}
+    if refused:
+        raise refusal(workdir, refused, 'these keys change the saved state, the model function '
+                      'or the data order')
+    return saved_cfg, changes
+
+
+def record_changes(workdir: str, changes: dict, step: int | None) -> None:
+    """Say which steering keys changed, on the console and in config_changes.jsonl."""
+    if not changes:
+        return
+    path = os.path.join(workdir, CHANGES)
+    listed = '; '.join(f'{key} {old!r} -> {new!r}' for key, (old, new) in changes.items())
+    with open(path, 'a') as f:
+        f.write(json.dumps({'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec='seconds'), 'resumed_from_step': step,
+            'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
+    print(f'Config changed since the last run (recorded in {path}): {listed}', flush=True)
+
+
+def set_aside_run(workdir: str) -> str | None:
+    """--restart: move everything of the old run (checkpoints, metrics, config, tokenizer...)
+    into previous_runs/<time>/; nothing is deleted. Returns where, or None if nothing."""
+    entries = [e for e in sorted(os.listdir(workdir)) if e not in (LOCK, PREVIOUS_RUNS)
+               and not e.startswith(LOCK + '.')]
+    if not entries:
+        return None
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+    dst = os.path.join(workdir, PREVIOUS_RUNS, stamp)
+    suffix = 0
+    while os.path.exists(dst):
+        suffix += 1
+        dst = os.path.join(workdir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
+    os.makedirs(dst)
+    for entry in entries:
+        shutil.move(os.path.join(workdir, entry), os.path.join(dst, entry))
+    print(f'--restart: the previous run ({", ".join(entries)}) was moved to {dst}.', flush=True)
+    return dst
