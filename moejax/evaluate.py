@@ -28,7 +28,7 @@ def eval_step(graphdef, params, extra, batch, byte_lengths_V):
         'tokens': jnp.sum(weights),
         'bytes': jnp.sum(byte_lengths_V[batch['targets']] * weights),
     }
-    for key in ('expert_load', 'dropped_fraction'):
+    for key in ('expert_load', 'dropped_fraction', 'tokens_left_behind'):
         if key in stats:
             sums[key] = stats[key]
     return sums
@@ -43,7 +43,7 @@ def summarize(totals: dict, num_batches: int) -> dict:
         'bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
         'tokens': int(totals['tokens']),
     }
-    for key in ('expert_load', 'dropped_fraction'):
+    for key in ('expert_load', 'dropped_fraction', 'tokens_left_behind'):
         if key in totals:
             out[key] = (np.asarray(totals[key]) / num_batches).tolist()
     return out

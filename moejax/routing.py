@@ -5,6 +5,10 @@ each token its k preferred experts; expert choice (Zhou et al. 2022) gives each 
 preferred tokens; soft routing weights every expert for every token. Everything here is float32.
 Tokens are grouped (x_GSD) and mask_GS marks real tokens: padding is never routed and is left out
 of every loss and statistic.
+
+Where peers' conventions differ, `Conventions` picks one (the defaults: moejax's own):
+softmax or sigmoid scores, raw or renormalised gates, DeepSeek-V3 group-limited selection
+and scaling, batch-prioritized capacity (V-MoE), and the aux loss's normalisation (README table).
 """
 import math
 from typing import NamedTuple
@@ -15,6 +19,10 @@ from flax import nnx
 
 ROUTERS = ('top_k', 'noisy_top_k', 'expert_choice', 'soft')
 BALANCES = ('aux_loss', 'bias', 'none')
+SCORE_FNS = ('softmax', 'sigmoid')
+GATE_NORMS = ('auto', 'raw', 'renorm')
+CAPACITY_RULES = ('gshard', 't5x')
+AUX_LOSS_NORMS = ('assignments', 'tokens')
 
 
 class Routing(NamedTuple):
@@ -27,22 +35,55 @@ class Routing(NamedTuple):
     gate_GSE: jax.Array | None  # soft routing weights; 0 for masked tokens
     losses: dict[str, jax.Array]  # scalars 'aux_loss' (unweighted; 0 if unused), 'z_loss'
     stats: dict[str, jax.Array]  # 'expert_load' [E], 'router_entropy', 'top1_prob'
+    # Batch-prioritized routing (V-MoE): capacity slots go to tokens in descending order of this
+    # score (their first choice's router score); None: in token order (GShard).
+    priority_GS: jax.Array | None = None
+
+
+class Conventions(NamedTuple):
+    """How a token-choice router scores, selects, weights and balances; the defaults are
+    moejax's behaviour before these options existed (moe.* keys of the same names)."""
+    score_fn: str = 'softmax'  # 'sigmoid': independent per-expert scores (DeepSeek-V3)
+    gate_norm: str = 'auto'  # 'auto': renormalise the k gates when k > 1; 'raw'; 'renorm'
+    routed_scaling_factor: float = 1.0  # gates are multiplied by it (DeepSeek-V3: 2.5)
+    num_expert_groups: int = 0  # > 0: experts in this many groups (DeepSeek-V3 n_group)
+    top_expert_groups: int = 0  # each token picks experts from its best groups only (topk_group)
+    aux_loss_norm: str = 'assignments'  # f_e over k*n assignments; 'tokens': over n (T5X)
+    batch_prioritized: bool = False  # V-MoE / flaxformer BPR: capacity by score, not position
+
+
+def conventions(moe_cfg) -> Conventions:
+    """The router conventions of a moe config; keys it lacks keep their defaults."""
+    return Conventions(**{k: moe_cfg.get(k, v) for k, v in Conventions._field_defaults.items()})
 
 
 class ExpertBias(nnx.Variable):
     """Per-expert selection bias for auxiliary-loss-free balancing: state, not trained by grads."""
 
 
-def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Expert slots per group: ceil(S * k * factor / E), at least 1 (GShard), at most S.
+def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float, *,
+             rule: str = 'gshard', min_capacity: int = 1) -> int:
+    """Expert slots per group, at least min_capacity, at most S.
 
-    At most S because a token's k choices are distinct experts, so no expert can receive more
-    than S assignments from a group; hence a capacity_factor <= 0 ('no drops') gives S.
+    rule 'gshard' (GShard): ceil(S * k * factor / E); 't5x' (T5X/flaxformer): round(factor *
+    S / E), without k, with Python's round as flaxformer has it (min_capacity 4 there). At most S
+    because a token's k choices are distinct experts, so no expert can receive more than S
+    assignments from a group; hence a capacity_factor <= 0 ('no drops') gives S.
     """
     if capacity_factor <= 0:
         return group_size
-    slots = group_size * top_k * capacity_factor / num_experts
-    return int(min(group_size, max(1, math.ceil(round(slots, 6)))))
+    if rule == 't5x':
+        slots = round(capacity_factor * group_size / num_experts)
+    else:
+        slots = math.ceil(round(group_size * top_k * capacity_factor / num_experts, 6))
+    return int(min(group_size, max(min_capacity, slots)))
+
+
+def expert_capacity(moe_cfg, group_size: int, capacity_factor: float) -> int:
+    """`capacity` with a moe config's num_experts, top_k, capacity_rule and min_capacity."""
+    return capacity(group_size, moe_cfg.num_experts, moe_cfg.top_k, capacity_factor,
+                    rule=moe_cfg.get('capacity_rule', 'gshard'),
+                    min_capacity=moe_cfg.get('min_capacity', 1))
 
 
 def updated_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
@@ -82,42 +123,82 @@ def _assignment_load(expert_GSK: jax.Array, mask_GS: jax.Array, num_experts: int
     return counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
 
 
-def load_balancing_loss(probs_GSE, expert_GSK, mask_GS) -> jax.Array:
+def load_balancing_loss(probs_GSE, expert_GSK, mask_GS, norm: str = 'assignments') -> jax.Array:
     """Switch/GShard aux loss: mean over groups of E * sum_e f_e * P_e.
 
-    Per group, over its real tokens: f_e = (number of (token, choice) assignments to e) / (k * n)
-    (for k=1 the fraction of tokens whose top-1 is e, as in Switch) and P_e = mean router prob
-    of e. Uniform routing gives 1. Groups without real tokens are left out of the mean.
+    Per group, over its real tokens: P_e = mean router prob of e, and f_e = (number of
+    (token, choice) assignments to e) / (k * n) for norm='assignments' (DeepSeek-V3's
+    sequence-wise loss; uniform routing gives 1 for any k), or / n for norm='tokens' (the
+    fraction of tokens sent to e: Switch/ST-MoE in T5X/flaxformer, MaxText, HF Mixtral; uniform
+    routing gives k). For k=1 the two agree. Groups without real tokens are left out.
     """
     num_experts, k = probs_GSE.shape[-1], expert_GSK.shape[-1]
     m_GS = mask_GS.astype(jnp.float32)
     n_G = jnp.maximum(jnp.sum(m_GS, axis=-1), 1.0)
+    per_token = k if norm == 'assignments' else 1
     onehot_GSE = jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=2) * m_GS[..., None]
-    f_GE = jnp.sum(onehot_GSE, axis=1) / (k * n_G[:, None])
+    f_GE = jnp.sum(onehot_GSE, axis=1) / (per_token * n_G[:, None])
     p_GE = jnp.sum(probs_GSE * m_GS[..., None], axis=1) / n_G[:, None]
     return _group_mean(num_experts * jnp.sum(f_GE * p_GE, axis=-1), mask_GS)
 
 
-def top_k_routing(logits_GSE, mask_GS, top_k: int, *, balance: str = 'aux_loss',
-                  bias_E: jax.Array | None = None) -> Routing:
-    """Switch (k=1) / GShard (k>1) routing: each token picks its top-k experts by softmax prob.
+def router_scores(logits_GSE: jax.Array, score_fn: str) -> tuple[jax.Array, jax.Array]:
+    """(scores, probs): softmax probs for both, or per-expert sigmoids and those normalised to
+    sum to 1 over experts (DeepSeek-V3's balance-loss probabilities; also the statistics')."""
+    if score_fn == 'softmax':
+        probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+        return probs_GSE, probs_GSE
+    scores_GSE = jax.nn.sigmoid(logits_GSE)
+    return scores_GSE, scores_GSE / jnp.sum(scores_GSE, axis=-1, keepdims=True)
 
-    bias_E (DeepSeek-V3) shifts only the selection, never the gate. Gates are the chosen probs
-    for k=1 and the chosen probs renormalised to sum to 1 for k>1.
+
+def group_limited(select_GSE: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
+    """DeepSeek-V3 node-limited routing: scores outside each token's `top_groups` best expert
+    groups become -inf. A group's score is the sum of its two best scores (its best if it has
+    one expert); experts are grouped consecutively, E / num_groups per group."""
+    g, s, e = select_GSE.shape
+    select_GSNP = select_GSE.reshape(g, s, num_groups, e // num_groups)
+    best_GSN2, _ = jax.lax.top_k(select_GSNP, min(2, e // num_groups))
+    _, chosen_GST = jax.lax.top_k(jnp.sum(best_GSN2, axis=-1), top_groups)
+    keep_GSN = jnp.any(jax.nn.one_hot(chosen_GST, num_groups, dtype=bool), axis=-2)
+    return jnp.where(keep_GSN[..., None], select_GSNP, -jnp.inf).reshape(g, s, e)
+
+
+def combine_weights(score_GSK: jax.Array, gate_norm: str, scale: float) -> jax.Array:
+    """Gates from the chosen experts' scores: kept as they are ('raw': Switch, ST-MoE, T5X),
+    divided by their sum ('renorm': Mixtral, DeepSeek-V3), or 'auto' (raw for k=1, renormalised
+    for k>1, as moejax always did); then times the routed scaling factor."""
+    renorm = gate_norm == 'renorm' or (gate_norm == 'auto' and score_GSK.shape[-1] > 1)
+    if renorm:
+        score_GSK = score_GSK / jnp.sum(score_GSK, axis=-1, keepdims=True)
+    return score_GSK * scale if scale != 1.0 else score_GSK
+
+
+def top_k_routing(logits_GSE, mask_GS, top_k: int, *, balance: str = 'aux_loss',
+                  bias_E: jax.Array | None = None, conv: Conventions = Conventions()) -> Routing:
+    """Switch (k=1) / GShard (k>1) / DeepSeek-V3 routing: each token picks its top-k experts.
+
+    Selection is by score (softmax prob or sigmoid), plus bias_E (DeepSeek-V3 loss-free
+    balancing) if given, within the token's best expert groups if conv asks for groups. The
+    bias shifts only the selection, never the gate: gates come from the unbiased scores
+    (see combine_weights). With conv.batch_prioritized the first choice's score is the
+    token's capacity priority.
     """
-    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-    scores_GSE = probs_GSE if bias_E is None else probs_GSE + bias_E
-    _, expert_GSK = jax.lax.top_k(scores_GSE, top_k)
-    gate_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
-    if top_k > 1:
-        gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
+    scores_GSE, probs_GSE = router_scores(logits_GSE, conv.score_fn)
+    select_GSE = scores_GSE if bias_E is None else scores_GSE + bias_E
+    if conv.num_expert_groups > 1:
+        select_GSE = group_limited(select_GSE, conv.num_expert_groups, conv.top_expert_groups)
+    _, expert_GSK = jax.lax.top_k(select_GSE, top_k)
+    score_GSK = jnp.take_along_axis(scores_GSE, expert_GSK, axis=-1)
+    gate_GSK = combine_weights(score_GSK, conv.gate_norm, conv.routed_scaling_factor)
     gate_GSK = gate_GSK * mask_GS[..., None]
-    aux = (load_balancing_loss(probs_GSE, expert_GSK, mask_GS) if balance == 'aux_loss'
-           else jnp.zeros((), jnp.float32))
+    aux = (load_balancing_loss(probs_GSE, expert_GSK, mask_GS, conv.aux_loss_norm)
+           if balance == 'aux_loss' else jnp.zeros((), jnp.float32))
     load_E = _assignment_load(expert_GSK, mask_GS, logits_GSE.shape[-1])
+    priority_GS = score_GSK[..., 0] if conv.batch_prioritized else None
     return Routing(expert_GSK.astype(jnp.int32), gate_GSK, None, None, None,
                    {'aux_loss': aux, 'z_loss': z_loss(logits_GSE, mask_GS)},
-                   _prob_stats(probs_GSE, mask_GS, load_E))
+                   _prob_stats(probs_GSE, mask_GS, load_E), priority_GS)
 
 
 def _cv_squared(x_GE: jax.Array) -> jax.Array:
@@ -144,15 +225,17 @@ def noisy_top_k_loss(clean_GSE, noisy_GSE, noise_std_GSE, gates_GSE, mask_GS, to
 
 
 def noisy_top_k_routing(clean_GSE, noise_std_GSE, eps_GSE, mask_GS, top_k: int, *,
-                        balance: str = 'aux_loss') -> Routing:
+                        balance: str = 'aux_loss', batch_prioritized: bool = False) -> Routing:
     """Noisy top-k gating (Shazeer et al. 2017): H = clean + eps * noise_std; keep H's top-k.
 
     Gates are the softmax over the k kept noisy logits. eps_GSE=None means no noise (eval).
-    Stats and z-loss use the clean logits.
+    Stats and z-loss use the clean logits. batch_prioritized: the first gate is the priority.
     """
     noisy_GSE = clean_GSE if eps_GSE is None else clean_GSE + eps_GSE * noise_std_GSE
     top_GSK, expert_GSK = jax.lax.top_k(noisy_GSE, top_k)
-    gate_GSK = jax.nn.softmax(top_GSK, axis=-1) * mask_GS[..., None]
+    gate_GSK = jax.nn.softmax(top_GSK, axis=-1)
+    priority_GS = gate_GSK[..., 0] if batch_prioritized else None
+    gate_GSK = gate_GSK * mask_GS[..., None]
     num_experts = clean_GSE.shape[-1]
     if balance == 'aux_loss':
         gates_GSE = jnp.sum(jax.nn.one_hot(expert_GSK, num_experts) * gate_GSK[..., None], 2)
@@ -163,7 +246,7 @@ def noisy_top_k_routing(clean_GSE, noise_std_GSE, eps_GSE, mask_GS, top_k: int, 
     probs_GSE = jax.nn.softmax(clean_GSE, axis=-1)
     return Routing(expert_GSK.astype(jnp.int32), gate_GSK, None, None, None,
                    {'aux_loss': aux, 'z_loss': z_loss(clean_GSE, mask_GS)},
-                   _prob_stats(probs_GSE, mask_GS, load_E))
+                   _prob_stats(probs_GSE, mask_GS, load_E), priority_GS)
 
 
 def expert_choice_routing(logits_GSE, mask_GS, capacity_per_expert: int) -> Routing:
@@ -211,6 +294,8 @@ class Router(nnx.Module):
         self.capacity_factor = float(moe_cfg.capacity_factor)
         self.eval_capacity_factor = float(moe_cfg.eval_capacity_factor)
         self.balance, self.jitter = moe_cfg.balance, float(moe_cfg.jitter)
+        self.conv = conventions(moe_cfg)
+        self.moe_cfg = moe_cfg
         init = nnx.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal')
         shape_DE = (d_model, self.num_experts)
         self.w_DE = nnx.Param(init(rngs.params(), shape_DE, jnp.float32),
@@ -235,14 +320,15 @@ class Router(nnx.Module):
         if self.kind == 'top_k':
             bias_E = self.expert_bias[...] if self.balance == 'bias' else None
             return top_k_routing(logits_GSE, mask_GS, self.top_k, balance=self.balance,
-                                 bias_E=bias_E)
+                                 bias_E=bias_E, conv=self.conv)
         if self.kind == 'noisy_top_k':
             noise_std_GSE = jax.nn.softplus(jnp.einsum('gsd,de->gse', x_GSD, self.w_noise_DE[...]))
             eps_GSE = jax.random.normal(noise_rng, logits_GSE.shape) if noisy else None
             return noisy_top_k_routing(logits_GSE, noise_std_GSE, eps_GSE, mask_GS, self.top_k,
-                                       balance=self.balance)
+                                       balance=self.balance,
+                                       batch_prioritized=self.conv.batch_prioritized)
         if self.kind == 'expert_choice':
             factor = self.capacity_factor if train else self.eval_capacity_factor
-            slots = capacity(x_GSD.shape[1], self.num_experts, self.top_k, factor)
+            slots = expert_capacity(self.moe_cfg, x_GSD.shape[1], factor)
             return expert_choice_routing(logits_GSE, mask_GS, slots)
         return soft_routing(logits_GSE, mask_GS)

@@ -3,23 +3,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from moejax import routing as R
+from tests.helpers import moe_cfg
 
 nnx.use_eager_sharding(False)
-
-
-def moe_cfg(**overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        num_experts=4, router='top_k', top_k=1, capacity_factor=1.0, eval_capacity_factor=2.0,
-        balance='aux_loss', aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
-        bias_update_rate=1e-3))
-    cfg.update(overrides)
-    return cfg
 
 
 def identity_router(**overrides):
