@@ -23,22 +23,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.moe_every = 2           # every n-th FFN is an MoE block (Switch: every other); 0 = dense
     m.activation = 'gelu'     # FFN nonlinearity: 'gelu' | 'swiglu'
     m.rope_base = 10_000.0    # rotary embedding base frequency
-    m.remat = 'none'          # 'block': recompute each block in the backward pass (less memory)
+    m.remat = 'none'          # 'block': recompute each block in the backward pass (less memory);
+                              # 'minimal': also keep weight-matmul outputs (less recompute)
+    # One compiled block scanned over the layers (compile time independent of depth): True |
+    # False | None = scan when num_layers >= 8. The saved parameter trees differ between the two.
+    m.scan_layers = ml_collections.FieldReference(None, field_type=bool)
+    m.attention = 'auto'      # 'auto' | 'xla' | 'chunked' (O(T*block) memory) | 'flash' (GPU/TPU)
+    m.attention_block = 128   # 'chunked': queries/keys per block (memory O(T * block))
 
     cfg.moe = e = ml_collections.ConfigDict()
     e.num_experts = 8                # routed experts per MoE block
     e.router = 'top_k'               # 'top_k' | 'noisy_top_k' | 'expert_choice' | 'soft'
     e.top_k = 1                      # experts per token (Switch 1, GShard 2)
-    e.capacity_factor = 1.25         # training: slots per expert = ceil(S*k*cf/E)
-    e.eval_capacity_factor = 2.0     # evaluation capacity factor
+    e.capacity_factor = 1.25         # training: slots per expert = ceil(S*k*cf/E); <= 0: no drops
+    e.eval_capacity_factor = 2.0     # evaluation capacity factor (<= 0: no drops)
     e.group_size = 0                 # tokens routed together; 0 = one sequence per group
     e.dispatch = 'sort'              # 'einsum' (reference) | 'sort' (capacity) | 'dropless'
     e.comm = 'gspmd'                 # expert-parallel path: 'gspmd' | 'all_to_all'
+    e.grouped_matmul = 'auto'        # dropless grouped matmul: 'auto' (CPU: 'blocks'; GPU/TPU:
+                                     # 'tokamax' if installed, else 'ragged_dot') | 'blocks' (CPU
+                                     # block loops) | 'ragged_dot' (jax.lax) | 'tokamax' (kernels)
     e.num_shared_experts = 0         # always-on experts beside the routed ones (DeepSeek-MoE)
     e.balance = 'aux_loss'           # 'aux_loss' | 'bias' (loss-free, DeepSeek-V3) | 'none'
     e.aux_loss_weight = 1e-2         # load-balancing loss weight (Switch: 1e-2)
     e.z_loss_weight = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
     e.jitter = 0.0                   # multiplicative router-input noise in training (Switch: 0.01)
+    # Router conventions of peers (README "Coming from T5X / ST-MoE / MaxText / DeepSeek-V3"):
+    e.score_fn = 'softmax'           # top_k scores: 'softmax' | 'sigmoid' (DeepSeek-V3)
+    e.gate_norm = 'auto'             # top_k gates: 'auto' (renormalised if k>1) | 'raw' | 'renorm'
+    e.routed_scaling_factor = 1.0    # top_k gates are multiplied by it (DeepSeek-V3: 2.5)
+    e.num_expert_groups = 0          # > 0: group-limited top_k (DeepSeek-V3 n_group); 0 = off
+    e.top_expert_groups = 0          # groups each token may use (DeepSeek-V3 topk_group)
+    e.batch_prioritized = False      # capacity slots by router score, not position (V-MoE BPR);
+                                     # here later tokens can take earlier ones' slots (README)
+    e.capacity_rule = 'gshard'       # 'gshard': ceil(S*k*cf/E) | 't5x': round(cf*S/E), no k
+    e.min_capacity = 1               # fewest slots per expert (T5X min_expert_capacity: 4)
+    e.aux_loss_norm = 'assignments'  # aux f_e over k*n assignments (uniform: 1) | 'tokens' (over n
+                                     # tokens, uniform: k; T5X, MaxText, HF Mixtral)
     e.bias_update_rate = 1e-3        # balance='bias': per-step bias change toward uniform load
     e.router_dtype = 'float32'       # router math stays float32 for stability
 
@@ -79,7 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.eval_every = 100               # 0 = only at the end
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
-    t.max_skipped_steps = 10         # non-finite steps in a row before the run stops
+    t.max_skipped_steps = 10         # skipped steps in a row before the run stops
+    t.spike_factor = 10.0            # skip a step whose loss > this x the mean of the last 16
+                                     # applied losses, like a non-finite one; 0 = off
 
     _apply_variant(cfg, arg)
     return cfg
