@@ -10,7 +10,6 @@ temporaries, which for xla includes the [B, H, T, T] scores). Prints one JSON li
 to benchmarks/results/.
 """
 import argparse
-import json
 import os
 import statistics
 
@@ -88,12 +87,7 @@ def main():
                 f'per row; median ms over {a.repeats} alternating rounds',
         'results': results,
     }
-    line = json.dumps(result)
-    print(line, flush=True)
-    out = a.out or os.path.join(RESULTS, f'attention_{backend}.json')
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, 'w') as f:
-        f.write(line + '\n')
+    common.save_json(result, a.out or os.path.join(RESULTS, f'attention_{backend}.json'))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the repository on sys.path, the machine, configs by path."""
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -61,3 +62,11 @@ def spec_peak() -> float | None:
 
     from moejax import metrics
     return metrics.peak_flops(jax.devices()[0])
+
+
+def save_json(result: dict, path: str, indent: int | None = None) -> None:
+    """Print the result as one JSON line and write it to `path` (folders made as needed)."""
+    print(json.dumps(result), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(json.dumps(result, indent=indent) + '\n')

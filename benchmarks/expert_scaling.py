@@ -212,11 +212,8 @@ def main():
     train_all(args)
     result = summarise(load_runs(args), args)
     result['wall_seconds'] = round(time.time() - start, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=1)
+    common.save_json(result, args.out, indent=1)
     plot(result, args.plot)
-    print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':

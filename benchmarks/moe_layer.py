@@ -18,7 +18,6 @@ Prints one JSON line and saves it to benchmarks/results/moe_layer_<backend>.json
 """
 import argparse
 import functools
-import json
 import os
 import statistics
 import time
@@ -165,12 +164,7 @@ def main():
     if measured:
         peak = statistics.median(measured() for _ in range(5))
     result = report(a, fns, times, cpu_times, engines, backends, peak)
-    line = json.dumps(result)
-    print(line, flush=True)
-    out = a.out or os.path.join(RESULTS, f'moe_layer_{jax.default_backend()}.json')
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, 'w') as f:
-        f.write(line + '\n')
+    common.save_json(result, a.out or os.path.join(RESULTS, f'moe_layer_{jax.default_backend()}.json'))
 
 
 def report(a, fns, times, cpu_times, engines, backends, peak) -> dict:

@@ -14,10 +14,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+import common  # puts the repository on sys.path, for configs/
 from configs import default  # noqa: E402
 from moejax import model as model_lib  # noqa: E402
 from moejax import train  # noqa: E402
@@ -117,11 +116,8 @@ def main():
     result['moe_steps_to_dense_final'] = step
     result['moe_steps_to_dense_final_interpolated'] = interpolated
     result['speedup_in_steps'] = round(args.steps / interpolated, 2) if interpolated else None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=1)
+    common.save_json(result, args.out, indent=1)
     plot(result, args.plot)
-    print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':
