@@ -3,6 +3,7 @@
 Exit codes: 0 done; 2 a config or usage error, printed as one line naming key, value and what
 is allowed; 1 anything else, with its traceback.
 """
+import errno
 import json
 import logging
 import os
@@ -218,12 +219,31 @@ def train_main(argv=None):
         except (train.NonFiniteError, SaveError) as err:  # one line, not a traceback
             print(f'moejax: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            _disk_full(err, FLAGS.workdir)
         finally:
             # Everything is saved and the lock released; only the interpreter's teardown is
             # left, during which Python restores default handlers (a Ctrl-C would kill it).
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
     _run(train)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(err: OSError, workdir: str) -> None:
+    """A full disk outside the checkpoint's own save (metrics, events, while a save was in
+    flight): one line naming the last committed checkpoint, then exit 1 at once, so Orbax's
+    unfinished writes print no tracebacks during interpreter teardown."""
+    from moejax import workdir as workdir_lib
+    steps = workdir_lib.saved_steps(workdir)
+    last = f'step {steps[-1]}' if steps else 'none (no checkpoint was saved)'
+    print(f'moejax: the run stopped: {err.strerror} writing {err.filename or "to the workdir"}; '
+          f'the last good checkpoint is {last}', file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def eval_main(argv=None):
