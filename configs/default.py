@@ -30,6 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.scan_layers = ml_collections.FieldReference(None, field_type=bool)
     m.attention = 'auto'      # 'auto' | 'xla' | 'chunked' (O(T*block) memory) | 'flash' (GPU/TPU)
     m.attention_block = 128   # 'chunked': queries/keys per block (memory O(T * block))
+    m.norm_eps = 1e-6         # RMSNorm epsilon (Mixtral 1e-5)
+    m.head_dim = 0            # channels per head; 0 = d_model / num_heads (Qwen3: set apart)
+    m.qk_norm = False         # RMSNorm on each head's queries and keys (Qwen3)
+    m.qkv_bias = False        # biases on the q/k/v projections (Qwen2)
+    m.dense_layers = []       # layers kept dense whatever moe_every says (Qwen mlp_only_layers)
 
     cfg.moe = e = ml_collections.ConfigDict()
     e.num_experts = 8                # routed experts per MoE block
@@ -43,7 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.grouped_matmul = 'auto'        # dropless grouped matmul: 'auto' (CPU: 'blocks'; GPU/TPU:
                                      # 'tokamax' if installed, else 'ragged_dot') | 'blocks' (CPU
                                      # block loops) | 'ragged_dot' (jax.lax) | 'tokamax' (kernels)
+    e.expert_d_ff = 0                # hidden width of each routed expert; 0 = model.d_ff
     e.num_shared_experts = 0         # always-on experts beside the routed ones (DeepSeek-MoE)
+    e.shared_d_ff = 0                # their FFN's width; 0 = num_shared_experts * expert width
+    e.shared_gate = False            # scale the shared output by sigmoid(x @ w) (Qwen2-MoE)
     e.balance = 'aux_loss'           # 'aux_loss' | 'bias' (loss-free, DeepSeek-V3) | 'none'
     e.aux_loss_weight = 1e-2         # load-balancing loss weight (Switch: 1e-2)
     e.z_loss_weight = 1e-3           # router z-loss weight (ST-MoE: 1e-3)

@@ -27,7 +27,7 @@ CHOICES = {
     'moe.capacity_rule': ('gshard', 't5x'),
     'moe.aux_loss_norm': ('assignments', 'tokens'),
     'moe.router_dtype': ('float32',),
-    'data.tokenizer': ('sentencepiece', 'byte'),
+    'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
     'data.text_format': ('files', 'lines'),
     'opt.name': ('adamw', 'adafactor'),
     'opt.schedule': ('cosine', 'rsqrt', 'constant'),
@@ -40,11 +40,13 @@ POSITIVE_INTS = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.
                  'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
                  'train.max_skipped_steps', 'moe.min_capacity')
 NON_NEGATIVE_INTS = ('model.num_kv_heads', 'model.moe_every', 'moe.group_size',
+                     'model.head_dim', 'moe.expert_d_ff', 'moe.shared_d_ff',
                      'moe.num_shared_experts', 'opt.warmup_steps', 'train.eval_every',
                      'train.seed', 'moe.num_expert_groups', 'moe.top_expert_groups')
 NON_NEGATIVE = ('moe.aux_loss_weight', 'moe.z_loss_weight', 'moe.jitter', 'moe.bias_update_rate',
                 'opt.weight_decay', 'opt.clip_norm', 'train.spike_factor')
-POSITIVE_FLOATS = ('opt.lr', 'model.rope_base', 'moe.routed_scaling_factor')
+POSITIVE_FLOATS = ('opt.lr', 'model.rope_base', 'moe.routed_scaling_factor', 'model.norm_eps')
+BOOLS = ('model.qk_norm', 'model.qkv_bias', 'moe.shared_gate', 'moe.batch_prioritized')
 # Slots per expert = ceil(S*k*factor/E); a factor <= 0 means no drops (S slots: see
 # routing.capacity), so any finite number is allowed.
 CAPACITY_FACTORS = ('moe.capacity_factor', 'moe.eval_capacity_factor')
@@ -68,12 +70,7 @@ def validate(cfg, num_devices: int) -> None:
     m, e, d = cfg.model, cfg.moe, cfg.data
     _require(d.batch_size % cfg.opt.grad_accum == 0, 'opt.grad_accum', cfg.opt.grad_accum,
              f'must divide data.batch_size={d.batch_size}')
-    _require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
-             f'must divide by model.num_heads={m.num_heads}')
-    head_dim = m.d_model // m.num_heads  # rotary embeddings turn pairs of head dimensions
-    _require(head_dim % 2 == 0, 'model.d_model', m.d_model,
-             f'the head size d_model/num_heads={head_dim} must be even (rotary positions '
-             f'rotate pairs of dimensions); e.g. d_model={m.num_heads * (head_dim + 1)}')
+    _check_heads(cfg)
     kv = m.num_kv_heads or m.num_heads
     _require(m.num_heads % kv == 0, 'model.num_kv_heads', m.num_kv_heads,
              f'must divide model.num_heads={m.num_heads} (0 = num_heads)')
@@ -90,6 +87,7 @@ def validate(cfg, num_devices: int) -> None:
     if m.moe_every:
         _require(m.moe_every <= m.num_layers, 'model.moe_every', m.moe_every,
                  f'must be <= model.num_layers={m.num_layers} or 0 for a dense model')
+    _check_layer_kinds(cfg)
     _check_scan(cfg)
     _check_router_conventions(cfg)
     _check_mesh(cfg, num_devices)
@@ -110,12 +108,66 @@ TOP_K_ONLY = {'score_fn': 'softmax', 'gate_norm': 'auto', 'routed_scaling_factor
               'num_expert_groups': 0, 'aux_loss_norm': 'assignments'}
 
 
+def _check_heads(cfg):
+    """The head size (model.head_dim, or d_model / num_heads) must be even: rotary positions
+    rotate pairs of dimensions."""
+    m = cfg.model
+    if m.head_dim:
+        _require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim,
+                 'must be even (rotary positions rotate pairs of dimensions), or 0 for '
+                 'd_model / num_heads')
+        return
+    _require(m.d_model % m.num_heads == 0, 'model.d_model', m.d_model,
+             f'must divide by model.num_heads={m.num_heads} (or set model.head_dim)')
+    size = m.d_model // m.num_heads
+    _require(size % 2 == 0, 'model.d_model', m.d_model,
+             f'the head size d_model/num_heads={size} must be even (rotary positions '
+             f'rotate pairs of dimensions); e.g. d_model={m.num_heads * (size + 1)}')
+
+
+def _check_layer_kinds(cfg):
+    """model.dense_layers: distinct layer indices; shared-expert options need shared experts."""
+    m, e = cfg.model, cfg.moe
+    dense = get(cfg, 'model.dense_layers')
+    _require(isinstance(dense, (list, tuple)) and all(
+        _is_int(i) and 0 <= i < m.num_layers for i in dense) and len(set(dense)) == len(dense),
+        'model.dense_layers', dense,
+        f'must be a list of distinct layer indices in [0, model.num_layers={m.num_layers})')
+    _require(e.num_shared_experts or not e.shared_d_ff, 'moe.shared_d_ff', e.shared_d_ff,
+             'needs moe.num_shared_experts >= 1 (0 = num_shared_experts * expert width)')
+    _require(e.num_shared_experts or not e.shared_gate, 'moe.shared_gate', e.shared_gate,
+             'needs moe.num_shared_experts >= 1')
+
+
+def head_dim(cfg) -> int:
+    """Channels per attention head: model.head_dim, or d_model / num_heads when it is 0."""
+    m = cfg.model
+    return m.get('head_dim', 0) or m.d_model // m.num_heads
+
+
+def expert_d_ff(cfg) -> int:
+    """Hidden width of each routed expert: moe.expert_d_ff, or model.d_ff when it is 0."""
+    return cfg.moe.get('expert_d_ff', 0) or cfg.model.d_ff
+
+
+def shared_d_ff(cfg) -> int:
+    """Hidden width of the shared experts' FFN (0: none): moe.shared_d_ff, or
+    num_shared_experts x the expert width when it is 0."""
+    e = cfg.moe
+    if not e.num_shared_experts:
+        return 0
+    return e.get('shared_d_ff', 0) or e.num_shared_experts * expert_d_ff(cfg)
+
+
+def dense_layers(cfg) -> tuple[int, ...]:
+    """Layers kept dense whatever model.moe_every says (Qwen-MoE's mlp_only_layers)."""
+    return tuple(cfg.model.get('dense_layers', ()) or ())
+
+
 def _check_router_conventions(cfg):
     """Peer conventions (moe.score_fn ...): each applies to the routers that have it; expert
     groups must split the experts evenly and leave every token at least top_k experts."""
     e = cfg.moe
-    bpr = get(cfg, 'moe.batch_prioritized')
-    _require(isinstance(bpr, bool), 'moe.batch_prioritized', bpr, 'must be True or False')
     for name, default in TOP_K_ONLY.items():
         _require(e.router == 'top_k' or e[name] == default, f'moe.{name}', e[name],
                  f"applies to moe.router='top_k' only (router is {e.router!r}); "
@@ -146,6 +198,9 @@ def _check_scan(cfg):
     _require(scan is not True or m.num_layers % period == 0, 'model.scan_layers', scan,
              f'scanning needs model.num_layers={m.num_layers} to divide by model.moe_every='
              f'{m.moe_every} (one period of layers is scanned); or set it False')
+    _require(scan is not True or not dense_layers(cfg), 'model.scan_layers', scan,
+             f'scanning needs identical periods of layers, which model.dense_layers='
+             f'{list(dense_layers(cfg))} breaks; set it False (or None)')
 
 
 def _check_kinds(cfg):
@@ -168,6 +223,9 @@ def _check_kinds(cfg):
         value = get(cfg, key)
         _require(_is_number(value), key, value,
                  'must be a finite number (<= 0: no drops, capacity = the group size)')
+    for key in BOOLS:
+        value = get(cfg, key)
+        _require(isinstance(value, bool), key, value, 'must be True or False')
     for key in UNIT_INTERVAL:
         value = get(cfg, key)
         _require(_is_number(value) and 0 <= value < 1, key, value, 'must be in [0, 1)')
@@ -186,6 +244,9 @@ def _check_mesh(cfg, num_devices):
              f'must divide by mesh.tensor={shape["tensor"]}')
     _require(m.d_ff % shape['tensor'] == 0, 'model.d_ff', m.d_ff,
              f'must divide by mesh.tensor={shape["tensor"]}')
+    for key, width in (('moe.expert_d_ff', expert_d_ff(cfg)), ('moe.shared_d_ff', shared_d_ff(cfg))):
+        _require(width % shape['tensor'] == 0, key, width,
+                 f'must divide by mesh.tensor={shape["tensor"]}')
     kv = m.num_kv_heads or m.num_heads
     _require(kv % shape['tensor'] == 0, 'model.num_kv_heads', kv,
              f'must divide by mesh.tensor={shape["tensor"]}')
@@ -209,7 +270,8 @@ def scans_layers(cfg) -> bool:
     m = cfg.model
     choice = m.get('scan_layers', False)
     if choice is None:
-        return m.num_layers >= SCAN_MIN_LAYERS and m.num_layers % scan_period(cfg) == 0
+        return (m.num_layers >= SCAN_MIN_LAYERS and m.num_layers % scan_period(cfg) == 0
+                and not dense_layers(cfg))
     return bool(choice)
 
 
@@ -287,7 +349,11 @@ ADDED_KEYS = {'model.remat': 'none', 'model.scan_layers': False, 'model.attentio
               'moe.num_expert_groups': 0, 'moe.top_expert_groups': 0,
               'moe.batch_prioritized': False, 'moe.capacity_rule': 'gshard', 'moe.min_capacity': 1,
               'moe.aux_loss_norm': 'assignments',
-              'train.spike_factor': 0.0}  # the loss-spike guard (issue 12) was off
+              'train.spike_factor': 0.0,  # the loss-spike guard (issue 12) was off
+              # Hugging Face families (issue 16): the model as it was
+              'model.norm_eps': 1e-6, 'model.head_dim': 0, 'model.qk_norm': False,
+              'model.qkv_bias': False, 'model.dense_layers': [], 'moe.expert_d_ff': 0,
+              'moe.shared_d_ff': 0, 'moe.shared_gate': False}
 
 
 def _run_file(path: str) -> tuple[str, str]:

@@ -61,12 +61,17 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    """Multi-head causal self-attention with rotary positions and grouped-query K/V."""
+    """Multi-head causal self-attention with rotary positions and grouped-query K/V.
+
+    Options of the Hugging Face families: head_dim != d_model / num_heads (Qwen3), biases on the
+    q/k/v projections (Qwen2), and an RMSNorm over each head's q and k before rotary (Qwen3's QK-norm).
+    """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, rope_base: float,
                  *, implementation: str = 'auto', block: int = attention.DEFAULT_BLOCK,
-                 rngs: nnx.Rngs):
-        self.head_dim = d_model // num_heads
+                 head_dim: int = 0, qkv_bias: bool = False, qk_norm: bool = False,
+                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+        self.head_dim = head_dim or d_model // num_heads
         self.rope_base = rope_base
         self.implementation = implementation  # model.attention (see moejax/attention.py)
         self.block = block  # model.attention_block: keys/queries per block of 'chunked'
@@ -78,12 +83,25 @@ class Attention(nnx.Module):
                             d_model)
         self.wo_HKD = param(rngs, (num_heads, k, d_model), ('heads', 'head_dim', 'embed'),
                             num_heads * k)
+        zeros = lambda heads, axis: nnx.Param(jnp.zeros((heads, k), jnp.float32),
+                                              out_sharding=(axis, 'head_dim'))
+        self.bq_HK = zeros(num_heads, 'heads') if qkv_bias else None
+        self.bk_HK = zeros(num_kv_heads, 'kv_heads') if qkv_bias else None
+        self.bv_HK = zeros(num_kv_heads, 'kv_heads') if qkv_bias else None
+        self.q_norm = RMSNorm(k, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(k, norm_eps) if qk_norm else None
 
     def project_qkv(self, x_BTD, positions_BT):
         dt = x_BTD.dtype
-        q = jnp.einsum('btd,dhk->bthk', x_BTD, self.wq_DHK[...].astype(dt))
-        k = jnp.einsum('btd,dhk->bthk', x_BTD, self.wk_DHK[...].astype(dt))
-        v = jnp.einsum('btd,dhk->bthk', x_BTD, self.wv_DHK[...].astype(dt))
+
+        def project(w_DHK, b_HK):
+            y_BTHK = jnp.einsum('btd,dhk->bthk', x_BTD, w_DHK[...].astype(dt))
+            return y_BTHK if b_HK is None else y_BTHK + b_HK[...].astype(dt)
+        q = project(self.wq_DHK, self.bq_HK)
+        k = project(self.wk_DHK, self.bk_HK)
+        v = project(self.wv_DHK, self.bv_HK)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))
         return rotary(q, positions_BT, self.rope_base), rotary(k, positions_BT, self.rope_base), v
 

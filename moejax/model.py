@@ -13,8 +13,11 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def is_moe_layer(cfg, i: int) -> bool:
-    """Every moe_every-th FFN is an MoE block, counting from 1 (Switch: layers 2, 4, ...)."""
-    return cfg.model.moe_every > 0 and (i + 1) % cfg.model.moe_every == 0
+    """Every moe_every-th FFN is an MoE block, counting from 1 (Switch: layers 2, 4, ...), except
+    the layers listed in model.dense_layers (Qwen-MoE's mlp_only_layers)."""
+    m = cfg.model
+    return (m.moe_every > 0 and (i + 1) % m.moe_every == 0
+            and i not in config_lib.dense_layers(cfg))
 
 
 class Block(nnx.Module):
@@ -22,11 +25,14 @@ class Block(nnx.Module):
 
     def __init__(self, cfg, use_moe: bool, *, rngs: nnx.Rngs):
         m = cfg.model
-        self.attn_norm = layers.RMSNorm(m.d_model)
+        eps = m.get('norm_eps', 1e-6)
+        self.attn_norm = layers.RMSNorm(m.d_model, eps)
         self.attn = layers.Attention(m.d_model, m.num_heads, m.num_kv_heads or m.num_heads,
                                      m.rope_base, implementation=m.attention,
-                                     block=m.attention_block, rngs=rngs)
-        self.ffn_norm = layers.RMSNorm(m.d_model)
+                                     block=m.attention_block, head_dim=m.get('head_dim', 0),
+                                     qkv_bias=m.get('qkv_bias', False),
+                                     qk_norm=m.get('qk_norm', False), norm_eps=eps, rngs=rngs)
+        self.ffn_norm = layers.RMSNorm(m.d_model, eps)
         self.ffn = (moe.MoEBlock(cfg, rngs=rngs) if use_moe
                     else layers.MLP(m.d_model, m.d_ff, m.activation, rngs=rngs))
 
@@ -68,9 +74,7 @@ def moe_by_row(block: moe.MoEBlock, x_BTD):
     capacity = routing.expert_capacity(e, T, e.eval_capacity_factor)
     y_BTD, _ = dispatch.dispatch_combine(x_BTD, mask_BT, route, block.expert_weights(x_BTD.dtype),
                                          engine=e.dispatch, capacity=capacity)
-    if block.shared is not None:
-        y_BTD = y_BTD + block.shared(x_BTD)
-    return y_BTD
+    return y_BTD + block.shared_out(x_BTD)
 
 
 # model.remat -> the jax.checkpoint policy of each block ('none': no remat).
@@ -172,7 +176,7 @@ class Transformer(nnx.Module):
             self.stack = stacked_periods(blocks, period_length(cfg))
         else:
             self.blocks = nnx.List(blocks)
-        self.final_norm = layers.RMSNorm(m.d_model)
+        self.final_norm = layers.RMSNorm(m.d_model, m.get('norm_eps', 1e-6))
         self.head_DV = layers.param(rngs, (m.d_model, cfg.data.vocab_size), ('embed', 'vocab'),
                                     m.d_model)
 
@@ -307,17 +311,23 @@ def param_counts(cfg) -> dict[str, int]:
     """Total and active (per token) parameters, counted from the config alone."""
     m, e = cfg.model, cfg.moe
     D, F, V, L = m.d_model, m.d_ff, cfg.data.vocab_size, m.num_layers
-    head_dim = D // m.num_heads
+    head_dim = config_lib.head_dim(cfg)
     kv = m.num_kv_heads or m.num_heads
     attn = D * head_dim * (2 * m.num_heads + 2 * kv) + 2 * D
-    ffn = (3 if m.activation == 'swiglu' else 2) * D * F
+    if m.get('qkv_bias', False):
+        attn += head_dim * (m.num_heads + 2 * kv)
+    if m.get('qk_norm', False):
+        attn += 2 * head_dim
+    per_ffn = lambda width: (3 if m.activation == 'swiglu' else 2) * D * width
+    expert = per_ffn(config_lib.expert_d_ff(cfg))
     n_moe = sum(is_moe_layer(cfg, i) for i in range(L))
     router = D * e.num_experts * (2 if e.router == 'noisy_top_k' else 1)
-    shared = ffn * e.num_shared_experts
-    total = (2 * V * D + D + L * attn + (L - n_moe) * ffn
-             + n_moe * (e.num_experts * ffn + router + shared))
+    shared_width = config_lib.shared_d_ff(cfg)
+    shared = per_ffn(shared_width) + (D if shared_width and e.get('shared_gate', False) else 0)
+    total = (2 * V * D + D + L * attn + (L - n_moe) * per_ffn(F)
+             + n_moe * (e.num_experts * expert + router + shared))
     experts_per_token = e.num_experts if e.router == 'soft' else e.top_k
-    active = total - n_moe * (e.num_experts - experts_per_token) * ffn
+    active = total - n_moe * (e.num_experts - experts_per_token) * expert
     return {'params': total, 'active_params': active, 'embedding_params': V * D}
 
 
@@ -328,6 +338,6 @@ def flops_per_token(cfg) -> float:
     m = cfg.model
     counts = param_counts(cfg)
     matmul_params = counts['active_params'] - counts['embedding_params']
-    heads_x_head_dim = m.num_heads * (m.d_model // m.num_heads)
+    heads_x_head_dim = m.num_heads * config_lib.head_dim(cfg)
     causal_attn = 4 * cfg.data.seq_len * heads_x_head_dim / 2
     return 6 * matmul_params + 3 * m.num_layers * causal_attn

@@ -3,8 +3,11 @@
 Tokens are routed within groups defined by the data (a sequence, or `moe.group_size`
 consecutive tokens), never by the device layout, so every mesh computes the same function.
 """
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from moejax import config as config_lib
 from moejax import dispatch, expert_parallel, layers, routing, sharding
 
 
@@ -13,13 +16,18 @@ class MoEBlock(nnx.Module):
         m, e = cfg.model, cfg.moe
         self.moe_cfg = e
         self.router = routing.Router(m.d_model, e, rngs=rngs)
-        E, D, F = e.num_experts, m.d_model, m.d_ff
+        E, D, F = e.num_experts, m.d_model, config_lib.expert_d_ff(cfg)
         self.w_in_EDF = layers.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
         self.w_gate_EDF = (layers.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
                            if m.activation == 'swiglu' else None)
         self.w_out_EFD = layers.param(rngs, (E, F, D), ('exp', 'mlp', 'embed'), F)
-        self.shared = (layers.MLP(D, F * e.num_shared_experts, m.activation, rngs=rngs)
-                       if e.num_shared_experts else None)
+        shared_width = config_lib.shared_d_ff(cfg)
+        self.shared = (layers.MLP(D, shared_width, m.activation, rngs=rngs)
+                       if shared_width else None)
+        # Qwen2-MoE: the shared experts' output is scaled by sigmoid(x @ w), a learned per-token
+        # choice between the shared FFN and the routed experts (NLLB-200's two-level gate).
+        self.shared_gate_D1 = (layers.param(rngs, (D, 1), ('embed', None), D)
+                               if shared_width and e.get('shared_gate', False) else None)
 
     def expert_weights(self, dtype) -> dispatch.ExpertWeights:
         w_gate = self.w_gate_EDF[...].astype(dtype) if self.w_gate_EDF is not None else None
@@ -43,12 +51,21 @@ class MoEBlock(nnx.Module):
                                 engine=e.dispatch, capacity=capacity,
                                 grouped_matmul=e.grouped_matmul)
         y_BTD = sharding.constrain(y_GSD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
-        if self.shared is not None:
-            y_BTD = y_BTD + self.shared(x_BTD)
+        y_BTD = y_BTD + self.shared_out(x_BTD)
         left = dispatch.tokens_left_behind(mask_GS, route, engine=e.dispatch, capacity=capacity,
                                            num_experts=e.num_experts)
         stats = dict(route.losses, **route.stats, dropped_fraction=dropped, tokens_left_behind=left)
         return y_BTD, stats
+
+    def shared_out(self, x_BTD):
+        """The shared experts' contribution (0 without them), gated when moe.shared_gate."""
+        if self.shared is None:
+            return 0.0
+        y_BTD = self.shared(x_BTD)
+        if self.shared_gate_D1 is not None:
+            gate_BT1 = jnp.einsum('btd,do->bto', x_BTD, self.shared_gate_D1[...].astype(x_BTD.dtype))
+            y_BTD = jax.nn.sigmoid(gate_BT1) * y_BTD
+        return y_BTD
 
     def update_bias(self, expert_load_E) -> None:
         """Loss-free balancing (DeepSeek-V3): nudge the selection bias toward uniform load."""
