@@ -83,8 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.text_glob = ''                 # text_files: which files
     d.text_format = 'files'          # text_files: 'files' (doc per file) | 'lines' (doc per line)
     d.text_key = 'text'              # TFDS: the text feature
-    d.tokenizer = 'sentencepiece'    # 'sentencepiece' | 'byte'
-    d.tokenizer_path = ml_collections.FieldReference(None, field_type=str)  # a .model to load
+    d.tokenizer = 'sentencepiece'    # 'sentencepiece' | 'byte' | 'hf' (a HF tokenizer.json)
+    # A .model to load (sentencepiece), or a tokenizer.json or HF model dir (hf); None: train one.
+    d.tokenizer_path = ml_collections.FieldReference(None, field_type=str)
     d.vocab_size = 2048              # tokenizer and embedding size (byte: >= 259)
     d.seq_len = 128                  # tokens per packed row
     d.batch_size = 32                # global batch, rows

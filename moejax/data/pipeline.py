@@ -276,36 +276,11 @@ def check_data(cfg) -> None:
     elif name != 'python_stdlib':
         corpus.tfds_builder(cfg)  # registered and prepared in data_dir
     kind, vocab = d.get('tokenizer'), d.get('vocab_size')
-    _require(kind in ('sentencepiece', 'byte'), 'data.tokenizer', kind,
-             "use 'sentencepiece' or 'byte'")
     _require(_is_int(vocab), 'data.vocab_size', vocab, 'must be an integer')
-    if kind == 'byte':
-        _require(vocab >= tokenizer_lib.BYTE_VOCAB, 'data.vocab_size', vocab,
-                 f'the byte tokenizer needs >= {tokenizer_lib.BYTE_VOCAB} '
-                 '(3 special ids + 256 bytes)')
-    elif d.get('tokenizer_path'):
-        _check_tokenizer_path(d.tokenizer_path, vocab)
-    else:
-        _require(vocab >= tokenizer_lib.MIN_SENTENCEPIECE_VOCAB, 'data.vocab_size', vocab,
-                 f'a SentencePiece vocabulary needs >= {tokenizer_lib.MIN_SENTENCEPIECE_VOCAB} '
-                 '(4 special ids + 256 byte pieces + characters)')
+    tokenizer_lib.check_settings(kind, d.get('tokenizer_path'), vocab)
     seq_len, batch, evals = d.get('seq_len'), d.get('batch_size'), d.get('eval_batches')
     _require(_is_int(seq_len) and seq_len >= MIN_SEQ_LEN, 'data.seq_len', seq_len,
              f'must be an integer >= {MIN_SEQ_LEN}')
     _require(_is_int(batch) and batch >= 1, 'data.batch_size', batch, 'must be an integer >= 1')
     _require(_is_int(evals) and evals >= 1, 'data.eval_batches', evals, 'must be an integer >= 1')
 
-
-def _check_tokenizer_path(path: str, vocab_size: int) -> None:
-    full = os.path.expanduser(path)
-    _require(os.path.isfile(full), 'data.tokenizer_path', path,
-             'no such file; give an existing SentencePiece .model, or None to train one')
-    with open(full, 'rb') as f:
-        proto = f.read()
-    try:
-        tokenizer_lib.SentencePieceTokenizer(proto, vocab_size, path)
-    except ConfigError:
-        raise
-    except Exception as e:  # sentencepiece raises RuntimeError, protobuf DecodeError
-        raise ConfigError('data.tokenizer_path', path, 'is not a SentencePiece model '
-                          f'({str(e).splitlines()[0][:120]})') from None

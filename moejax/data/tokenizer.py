@@ -1,13 +1,16 @@
-"""Tokenizers: raw UTF-8 bytes, or SentencePiece with byte fallback so every text round-trips.
+"""Tokenizers: raw UTF-8 bytes, SentencePiece with byte fallback, or a Hugging Face tokenizer.json.
 
-Both share ids 0 pad, 1 bos, 2 eos and expose `byte_lengths()` (UTF-8 bytes per id), which turns
-a summed cross-entropy into bits per byte, a number comparable across tokenizers.
+Those moejax builds share ids 0 pad, 1 bos, 2 eos; a loaded one (SentencePiece or HF, e.g. from
+an imported model) keeps its own ids, saved beside it in tokenizer_ids.json. All expose
+`byte_lengths()` (UTF-8 bytes per id), which turns a summed cross-entropy into bits per byte, a
+number comparable across tokenizers.
 """
 import hashlib
 import io
 import itertools
 import json
 import os
+import shutil
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
@@ -15,6 +18,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from moejax.data import corpus
+from moejax.data import hf_tokenizer as hf
+from moejax.data.hf_tokenizer import HFTokenizer
 from moejax.errors import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -25,6 +30,10 @@ SAMPLE_CHARS = 4_000_000         # SentencePiece trains on this much of the trai
 SAMPLE_SEED = 0                  # which documents form that sample
 MAX_TRAIN_PIECE = 4096           # long documents are fed to the trainer in chunks of lines
 SPACE = '\u2581'                 # SentencePiece's visible space
+KINDS = ('sentencepiece', 'byte', 'hf')
+HF_EXTRAS = 'hf_tokenizer'       # workdir folder: an imported model's tokenizer_config.json etc.
+HF_EXTRA_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja',
+                  'chat_template.json')
 
 
 class Tokenizer(Protocol):
@@ -79,33 +88,76 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model (pad 0, bos 1, eos 2, unk 3, byte fallback), decoded via a byte table.
+    """A SentencePiece model, decoded via a byte table. Trained here (strict): pad 0, bos 1,
+    eos 2, unk 3, byte fallback. Loaded (e.g. Mixtral's: unk 0, bos 1, eos 2, no pad): its own
+    ids, gaps filled as in hf_tokenizer.choose_ids (no pad -> eos), or the ids given.
 
     The literal character U+2581 would decode as a space, so `encode` spells it as byte pieces;
     with that, decode(encode(text)) == text for every string (for models trained here; a loaded
     model that normalizes text or lacks byte pieces round-trips only what it can represent).
     """
 
-    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
     filename = 'tokenizer.model'
 
-    def __init__(self, model_proto: bytes, vocab_size: int | None = None, source: str = ''):
+    def __init__(self, model_proto: bytes, vocab_size: int | None = None, source: str = '', *,
+                 ids: dict | None = None, hf_dir: str | None = None, strict: bool = False):
         self.model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as e:  # sentencepiece raises RuntimeError, protobuf DecodeError
+            raise ConfigError('data.tokenizer_path', source, 'is not a SentencePiece model '
+                              f'({str(e).splitlines()[0][:120]})') from None
         size = self._sp.get_piece_size()
-        special = [self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()]
-        if special != [PAD_ID, BOS_ID, EOS_ID]:
+        own = [self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()]
+        if strict and own != [PAD_ID, BOS_ID, EOS_ID]:
             raise ConfigError('data.tokenizer_path', source, f'the model has pad/bos/eos ids '
-                              f'{special}; moejax needs 0/1/2 (pad_id=0 bos_id=1 eos_id=2)')
+                              f'{own}; moejax needs 0/1/2 (pad_id=0 bos_id=1 eos_id=2)')
         if vocab_size is not None and vocab_size < size:
             raise ConfigError('data.vocab_size', vocab_size,
                               f'must be >= {size}, the SentencePiece model\'s vocabulary')
         self.vocab_size = size if vocab_size is None else vocab_size
-        self.fingerprint = 'sp-' + hashlib.sha256(model_proto).hexdigest()[:16]
+        self.ids = hf.check_ids(ids or self._choose_ids(own, hf_dir), size, source)
+        self.pad_id, self.bos_id, self.eos_id = (self.ids[f'{n}_id'] for n in hf.ID_NAMES)
+        digest = hashlib.sha256(model_proto)
+        if [self.pad_id, self.bos_id, self.eos_id] != [PAD_ID, BOS_ID, EOS_ID]:
+            digest.update(json.dumps(self.ids, sort_keys=True).encode())  # ids shape the rows
+        self.fingerprint = 'sp-' + digest.hexdigest()[:16]
         self._piece_bytes = [self._bytes_of(i) for i in range(size)]
         self._space_ids = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in SPACE.encode()]
         spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto).normalizer_spec
         self._drop_leading_space = spec.add_dummy_prefix  # as SentencePiece's own decoder does
+
+    def _token_to_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)  # unknown pieces map to unk: tell them apart
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def _choose_ids(self, own: list[int], hf_dir: str | None) -> dict:
+        """The HF files' ids (if hf_dir), else the model's own, gaps filled by choose_ids."""
+        size = self._sp.get_piece_size()
+        declared = hf.declared_ids(hf_dir, self._token_to_id, size) if hf_dir else {}
+        for name, i in zip(hf.ID_NAMES, own):
+            if declared.get(name) is None and i >= 0:
+                declared[name] = i
+        control = [i for i in range(size) if self._sp.is_control(i)]
+        return hf.choose_ids(declared, self._token_to_id, control)
+
+    @classmethod
+    def from_path(cls, path: str, vocab_size: int | None = None) -> 'SentencePieceTokenizer':
+        """From a .model file or a HF model directory holding tokenizer.model; ids from the HF
+        files beside it (or a tokenizer_ids.json there, as saved in a moejax workdir)."""
+        full = os.path.expanduser(path)
+        hf_dir, file = (full, os.path.join(full, cls.filename)) if os.path.isdir(full) else (
+            os.path.dirname(full), full)
+        if not os.path.isfile(file):
+            raise ConfigError('data.tokenizer_path', path, 'no such file; give an existing '
+                              'SentencePiece .model, or None to train one')
+        with open(file, 'rb') as f:
+            proto = f.read()
+        return cls(proto, vocab_size, path, ids=hf.read_ids(hf_dir), hf_dir=hf_dir)
+
+    def token_text(self, i: int) -> str | None:
+        """The piece's spelling in the model (None outside the vocabulary)."""
+        return self._sp.id_to_piece(i) if 0 <= i < self._sp.get_piece_size() else None
 
     def _bytes_of(self, i: int) -> bytes:
         sp = self._sp
@@ -145,6 +197,7 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str) -> None:
         corpus.atomic_write(os.path.join(directory, self.filename), self.model_proto)
+        hf.write_ids(directory, self.ids)
 
 
 def _training_chunks(texts: Iterable[str]) -> Iterator[str]:
@@ -200,23 +253,60 @@ def _cached_sentencepiece(cfg) -> SentencePieceTokenizer:
             model = train_sentencepiece(_training_sample(cfg), cfg.data.vocab_size)
             corpus.atomic_write(path, model)
         with open(path, 'rb') as f:
-            return SentencePieceTokenizer(f.read(), cfg.data.vocab_size)
+            return SentencePieceTokenizer(f.read(), cfg.data.vocab_size, path, strict=True)
+
+
+def _json_kind(path: str) -> str:
+    """'byte' or 'hf': what a saved tokenizer.json holds, told apart by its content."""
+    if os.path.getsize(path) > 4096:  # a byte tokenizer's file is one short line; HF's is big
+        return 'hf'                  # (and loading it checks that it really is)
+    found = hf.read_json(path, '--workdir')
+    if found.get('type') == 'byte':
+        return 'byte'
+    if 'model' in found:
+        return 'hf'
+    raise ConfigError('--workdir', path, 'is neither a moejax byte tokenizer nor a Hugging Face '
+                      'tokenizer.json')
 
 
 def saved_kind(directory: str) -> str | None:
-    """'sentencepiece' or 'byte' if directory holds a saved tokenizer, else None."""
-    for cls, kind in ((SentencePieceTokenizer, 'sentencepiece'), (ByteTokenizer, 'byte')):
-        if os.path.exists(os.path.join(directory, cls.filename)):
-            return kind
-    return None
+    """'hf', 'sentencepiece' or 'byte' if directory holds a saved tokenizer, else None.
+
+    tokenizer.json is a byte tokenizer's {"type": "byte", ...} or a HF file: read to tell."""
+    json_path = os.path.join(directory, HFTokenizer.filename)
+    json_kind = _json_kind(json_path) if os.path.isfile(json_path) else None
+    if json_kind == 'hf':
+        return 'hf'
+    if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.filename)):
+        return 'sentencepiece'
+    return json_kind
 
 
-def load_tokenizer(directory: str, vocab_size: int) -> Tokenizer:
-    """The tokenizer saved in directory by `save` (tokenizer.model or tokenizer.json)."""
-    if saved_kind(directory) == 'byte':
-        return ByteTokenizer(vocab_size)
-    with open(os.path.join(directory, SentencePieceTokenizer.filename), 'rb') as f:
-        return SentencePieceTokenizer(f.read(), vocab_size)
+def load_tokenizer(directory: str, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer saved in directory by `save`, with its saved ids (vocab_size None: the
+    tokenizer's own size)."""
+    kind = saved_kind(directory)
+    if kind == 'byte':
+        return ByteTokenizer(BYTE_VOCAB if vocab_size is None else vocab_size)
+    if kind is None:
+        raise ConfigError('--workdir', directory, 'holds no tokenizer (tokenizer.json or '
+                          'tokenizer.model)')
+    cls = HFTokenizer if kind == 'hf' else SentencePieceTokenizer
+    path = os.path.join(directory, cls.filename)
+    with open(path, 'rb') as f:
+        content = f.read()
+    ids = hf.read_ids(directory)
+    if kind == 'hf':
+        return HFTokenizer(content, vocab_size, ids=ids, source=path)
+    return SentencePieceTokenizer(content, vocab_size, path, ids=ids)
+
+
+def _given_path(cfg) -> str:
+    path = cfg.data.get('tokenizer_path')
+    if not path:
+        raise ConfigError('data.tokenizer_path', path, "data.tokenizer='hf' needs a "
+                          'tokenizer.json or a Hugging Face model directory that holds one')
+    return path
 
 
 def get_tokenizer(cfg, workdir: str | None = None) -> Tokenizer:
@@ -231,16 +321,92 @@ def get_tokenizer(cfg, workdir: str | None = None) -> Tokenizer:
         return load_tokenizer(workdir, vocab_size)
     if kind == 'byte':
         tokenizer = ByteTokenizer(vocab_size)
+    elif kind == 'hf':
+        tokenizer = HFTokenizer.from_path(_given_path(cfg), vocab_size)
     elif kind == 'sentencepiece' and cfg.data.get('tokenizer_path'):
-        with open(os.path.expanduser(cfg.data.tokenizer_path), 'rb') as f:
-            tokenizer = SentencePieceTokenizer(f.read(), vocab_size, cfg.data.tokenizer_path)
+        tokenizer = SentencePieceTokenizer.from_path(cfg.data.tokenizer_path, vocab_size)
     elif kind == 'sentencepiece':
         tokenizer = _cached_sentencepiece(cfg)
     else:
-        raise ConfigError('data.tokenizer', kind, 'use sentencepiece or byte')
+        raise ConfigError('data.tokenizer', kind, 'use one of: ' + ', '.join(KINDS))
     if workdir:
         tokenizer.save(workdir)
     return tokenizer
+
+
+def check_settings(kind, path, vocab_size: int) -> None:
+    """Fail fast on data.tokenizer, tokenizer_path and vocab_size, before reading any data.
+
+    'hf' without a path is left to get_tokenizer: the workdir may already hold one."""
+    if kind not in KINDS:
+        raise ConfigError('data.tokenizer', kind, 'use one of: ' + ', '.join(KINDS))
+    if kind == 'byte':
+        if vocab_size < BYTE_VOCAB:
+            raise ConfigError('data.vocab_size', vocab_size, f'the byte tokenizer needs >= '
+                              f'{BYTE_VOCAB} (3 special ids + 256 bytes)')
+    elif path:
+        (HFTokenizer if kind == 'hf' else SentencePieceTokenizer).from_path(path, vocab_size)
+    elif kind == 'sentencepiece' and vocab_size < MIN_SENTENCEPIECE_VOCAB:
+        raise ConfigError('data.vocab_size', vocab_size, 'a SentencePiece vocabulary needs >= '
+                          f'{MIN_SENTENCEPIECE_VOCAB} (4 special ids + 256 byte pieces + '
+                          'characters)')
+
+
+# ------------------------------------------------------------------ Hugging Face directories
+
+
+def _copy_files(src_dir: str, dst_dir: str, names) -> None:
+    for name in names:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+
+
+def import_hf_tokenizer(hf_dir: str, workdir: str) -> str | None:
+    """Save a HF model directory's tokenizer in workdir with its bos/eos/pad ids: tokenizer.json
+    if it has one (what transformers loads first), else tokenizer.model. Its tokenizer_config.json
+    and chat template are kept aside (workdir/hf_tokenizer/) for export. The kind saved, or None
+    when hf_dir holds no tokenizer."""
+    if os.path.isfile(os.path.join(hf_dir, HFTokenizer.filename)):
+        kind, tokenizer = 'hf', HFTokenizer.from_path(hf_dir)
+    elif os.path.isfile(os.path.join(hf_dir, SentencePieceTokenizer.filename)):
+        kind, tokenizer = 'sentencepiece', SentencePieceTokenizer.from_path(hf_dir)
+    else:
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(workdir)
+    _copy_files(hf_dir, os.path.join(workdir, HF_EXTRAS), HF_EXTRA_FILES)
+    return kind
+
+
+def export_hf_tokenizer(workdir: str, out_dir: str) -> str | None:
+    """Write workdir's tokenizer as HF files in out_dir: tokenizer.json ('hf'; 'byte' as an
+    equivalent byte-fallback BPE) or tokenizer.model, and a tokenizer_config.json naming
+    bos/eos/pad (an imported model's own config and chat template carried back; ids moejax
+    derived rather than found stay as that config had them). The kind, or None if none saved."""
+    kind = saved_kind(workdir)
+    if kind is None:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    _copy_files(os.path.join(workdir, HF_EXTRAS), out_dir, HF_EXTRA_FILES)
+    config_path = os.path.join(out_dir, 'tokenizer_config.json')
+    config = hf.read_json(config_path, '--workdir')
+    tokenizer = HFTokenizer(hf.byte_tokenizer_json()) if kind == 'byte' else load_tokenizer(
+        workdir)
+    if kind == 'sentencepiece':
+        corpus.atomic_write(os.path.join(out_dir, tokenizer.filename), tokenizer.model_proto)
+        config.setdefault('tokenizer_class', 'LlamaTokenizer')
+    else:
+        corpus.atomic_write(os.path.join(out_dir, tokenizer.filename), tokenizer.file_bytes)
+        config.setdefault('tokenizer_class', 'PreTrainedTokenizerFast')
+    for name in hf.ID_NAMES:
+        if name in tokenizer.ids['derived']:
+            config.setdefault(f'{name}_token', None)
+        else:
+            config[f'{name}_token'] = tokenizer.token_text(tokenizer.ids[f'{name}_id'])
+    corpus.atomic_write(config_path, json.dumps(config, indent=2, ensure_ascii=False).encode())
+    return kind
 
 
 def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
