@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
-from moejax import sampling
+from moejax import saved_run
 from moejax.errors import ConfigError
 
 MAX_PLOTTED_TOKENS = 96  # a token map wider than this is unreadable; longer texts are cut
@@ -171,13 +171,12 @@ def analyze(workdir: str, *, text: str | None = None, step: int | None = None,
     paths = {'expert_load': plot_expert_load(metrics_path,
                                              os.path.join(out_dir, 'expert_load.png'))}
     if text:
-        loaded = sampling.load(workdir, step)
-        model = model_lib.unrolled_model(loaded.model, loaded.cfg)  # walks blocks one by one
-        ids_T, experts_LT = token_routes(model, loaded.tokenizer, text,
-                                         loaded.cfg.model.max_len)
-        labels = [token_label(loaded.tokenizer, int(i)) for i in ids_T]
+        run = saved_run.open_run(workdir, step)
+        model = model_lib.unrolled_model(run.model, run.cfg)  # walks blocks one by one
+        ids_T, experts_LT = token_routes(model, run.tokenizer, text, run.cfg.model.max_len)
+        labels = [token_label(run.tokenizer, int(i)) for i in ids_T]
         paths['token_experts'] = plot_token_routes(
-            labels, experts_LT, loaded.cfg.moe.num_experts,
+            labels, experts_LT, run.cfg.moe.num_experts,
             os.path.join(out_dir, 'token_experts.png'))
-        paths['step'] = loaded.step
+        paths['step'] = run.step
     return paths

@@ -227,12 +227,16 @@ class Checkpointer:
         run) once an older one restores; when none restores the training run refuses (nothing
         moved). Any other failure leaves the checkpoint in place: a training run refuses, a
         reader warns and tries the previous one."""
+        return self._first_restorable(lambda s: self._restore(abstract_state, s), step)
+
+    def _first_restorable(self, restore_step, step: int | None):
+        """restore_step(step), or else the newest step it restores (see restore)."""
         if step is not None:
-            return self._restore(abstract_state, step)
+            return restore_step(step)
         damaged = []
         for s in self.steps()[::-1]:
             try:
-                restored = self._restore(abstract_state, s)
+                restored = restore_step(s)
             except CorruptCheckpointError as err:
                 damaged.append((s, err))
                 continue
@@ -269,10 +273,29 @@ class Checkpointer:
     def read(self, abstract_state, step: int | None = None):
         """(state, step) of a saved step (default: the newest restorable) for a reader of a run;
         a step that was never saved, or no restorable checkpoint, is a ConfigError."""
+        return self._read(lambda s: self._restore(abstract_state, s), step)
+
+    def read_params(self, abstract_parts: dict, step: int | None = None):
+        """(parts, step): only the named parts of a saved train state, e.g. {'params': ...,
+        'extra': ...} given as ShapeDtypeStructs with their shardings, of `step` (default: the
+        newest restorable), as `read` does for whole states.
+
+        Orbax's partial restore reads no other array: the optimizer moments (twice the
+        parameters under Adam) take no memory and need not fit any optimizer (the digest check
+        still reads every file's bytes once, to catch corruption). Orbax binds one handler to
+        the 'state' item per manager, so a Checkpointer that reads parts restores no whole
+        states (use another one)."""
+        return self._read(lambda s: self._restore_parts(abstract_parts, s), step)
+
+    def _read(self, restore_step, step: int | None):
         steps = self.steps()
         if step is not None and step not in steps:
             raise ConfigError('--step', step, f'no such checkpoint; saved steps: {steps}')
-        restored = self.restore(abstract_state, step)
+        try:
+            restored = self._first_restorable(restore_step, step)
+        except CorruptCheckpointError as err:  # only an explicit step gets here
+            raise ConfigError('--step', step, f'checkpoint {step} is damaged ({err}); saved '
+                              f'steps: {steps}') from None
         if restored is None:
             raise ConfigError('--workdir', self.workdir, 'holds no restorable checkpoint')
         state, _, saved_step = restored
@@ -284,6 +307,14 @@ class Checkpointer:
                                   data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored['state'], dict(restored['data']), step
+
+    def _restore_parts(self, abstract_parts: dict, step: int):
+        verify_digest(os.path.join(self.directory, str(step)))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_parts)
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract_parts, restore_args=restore_args, partial_restore=True))
+        restored = self.manager.restore(step, args=args)
+        return dict(restored['state']), {}, step
 
     def _set_aside(self, step: int, folder: str = 'unreadable_checkpoints') -> str:
         """Move a checkpoint out of the manager's way, keeping it for inspection."""

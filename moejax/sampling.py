@@ -1,4 +1,4 @@
-"""Autoregressive sampling with a KV cache, and loading a trained model from a workdir.
+"""Autoregressive sampling with a KV cache (saved_run.open_run loads a trained model).
 
 `Sampler.generate` prefills the prompt in one pass, then decodes one token per step inside a single
 jitted `lax.fori_loop`, reading and writing a fixed-size cache [B, max_len, KV, K] per layer.
@@ -6,20 +6,14 @@ Temperature 0 is greedy decoding; otherwise tokens are drawn from softmax(logits
 optionally restricted to the top_k most likely, with keys derived from (seed, step), so a seed
 always gives the same text.
 """
-import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
 from moejax import config as config_lib
-from moejax import data as data_lib
-from moejax import mesh as mesh_lib
-from moejax import train
 from moejax.errors import ConfigError
 
 
@@ -94,37 +88,10 @@ def generate(model, prompt_BP, max_new_tokens: int, *, temperature: float = 0.0,
                                    top_k=top_k, seed=seed)
 
 
-@dataclasses.dataclass
-class Loaded:
-    """A trained model restored from a workdir, with what is needed to use it."""
-    cfg: object
-    model: object
-    tokenizer: object
-    step: int
-
-    @functools.cached_property
-    def sampler(self) -> 'Sampler':
-        return Sampler(self.model)
-
-
-def load(workdir: str, step: int | None = None) -> Loaded:
-    """Checkpoint `step` (default: the latest) of a run, with its config and tokenizer."""
-    config_path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(config_path):
-        raise ConfigError('--workdir', workdir, 'holds no config.json: point it at a training run')
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-        raise ConfigError('--workdir', workdir, 'holds no checkpoints/; train first')
-    cfg = config_lib.from_json(config_path)
-    config_lib.validate(cfg, jax.device_count())
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    # Read-only: loading from a live run's directory never moves or deletes anything there.
-    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints, read_only=True)
-    try:
-        state, saved_step = checkpointer.read(setup.abstract_state, step)
-    finally:
-        checkpointer.close()
-    model = nnx.merge(setup.graphdef, state.params, state.extra)
-    return Loaded(cfg, model, data_lib.get_tokenizer(cfg, workdir), saved_step)
+def load(workdir: str, step: int | None = None):
+    """Step `step` (default: the newest) of a run: saved_run.open_run, under its old name."""
+    from moejax import saved_run  # saved_run imports this module (for its sampler)
+    return saved_run.open_run(workdir, step)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -153,14 +120,15 @@ def check_length(prompt: str, prompt_len: int, max_new_tokens: int, max_len: int
                           f'model.max_len={max_len}; use at most {max_len - prompt_len}')
 
 
-def generate_text(loaded: Loaded, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
+def generate_text(run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, seed: int = 0, num_samples: int = 1) -> list[str]:
-    """num_samples continuations of `prompt` (the prompt text is not repeated in them)."""
+    """num_samples continuations of `prompt` by a saved_run.SavedRun (the prompt text is not
+    repeated in them)."""
     config_lib.check_sampling_args(*map(_plain, (max_new_tokens, temperature, top_k,
                                                  num_samples)))
-    ids = prompt_ids(loaded.tokenizer, prompt)
-    check_length(prompt, len(ids), max_new_tokens, loaded.cfg.model.max_len)
+    ids = prompt_ids(run.tokenizer, prompt)
+    check_length(prompt, len(ids), max_new_tokens, run.cfg.model.max_len)
     prompt_BP = np.tile(np.asarray(ids, np.int32), (num_samples, 1))
-    tokens_BN, _ = loaded.sampler.generate(prompt_BP, max_new_tokens, temperature=temperature,
-                                           top_k=top_k, seed=seed)
-    return [continuation_text(loaded.tokenizer, row) for row in np.asarray(tokens_BN)]
+    tokens_BN, _ = run.sampler.generate(prompt_BP, max_new_tokens, temperature=temperature,
+                                        top_k=top_k, seed=seed)
+    return [continuation_text(run.tokenizer, row) for row in np.asarray(tokens_BN)]

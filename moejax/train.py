@@ -454,15 +454,18 @@ def log_eval(run: Run, state: TrainState, step: int) -> dict:
 
 
 def evaluate_checkpoint(cfg, workdir: str, split: str, step: int | None = None) -> dict:
-    """Evaluate a saved step (default: the latest) on `split`; write eval_<split>_<step>.json."""
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-        raise ConfigError('--workdir', workdir, 'holds no checkpoints/ to evaluate; train first')
+    """Evaluate a saved step (default: the latest) on `split`; write eval_<split>_<step>.json.
+
+    The weights come from saved_run.open_run (parameters only, never the optimizer state)."""
+    from moejax import saved_run  # saved_run builds on this module (make_setup)
+    saved_run.check_workdir(workdir, needs_config=False)
     run = prepare(cfg, workdir, for_training=False)
-    state, saved_step = run.checkpointer.read(run.setup.abstract_state, step)
-    result = run_eval(run, state, load_eval_batches(run, split))
-    result = {'step': saved_step, 'split': split, **result}
+    saved = saved_run.open_run(workdir, step, cfg=run.setup.cfg)
+    result = evaluate_lib.evaluate(run.eval_step, saved.params, saved.extra,
+                                   load_eval_batches(run, split), run.byte_lengths)
+    result = {'step': saved.step, 'split': split, **result}
     if jax.process_index() == 0:
-        path = os.path.join(workdir, f'eval_{split}_{saved_step}.json')
+        path = os.path.join(workdir, f'eval_{split}_{saved.step}.json')
         with open(path + '.tmp', 'w') as f:
             json.dump(result, f, indent=1)
         os.replace(path + '.tmp', path)
