@@ -305,14 +305,14 @@ def generate_main(argv=None):
         from moejax import config as config_lib
         config_lib.check_sampling_args(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
                                        FLAGS.num_samples)
-        from moejax import sampling
-        loaded = sampling.load(FLAGS.workdir, FLAGS.step)
-        texts = sampling.generate_text(loaded, FLAGS.prompt, FLAGS.max_new_tokens,
+        from moejax import sampling, saved_run
+        run = saved_run.open_run(FLAGS.workdir, FLAGS.step)
+        texts = sampling.generate_text(run, FLAGS.prompt, FLAGS.max_new_tokens,
                                        temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                        seed=FLAGS.seed, num_samples=FLAGS.num_samples)
         for i, text in enumerate(texts):
             if len(texts) > 1:
-                print(f'--- sample {i} (step {loaded.step}) ---')
+                print(f'--- sample {i} (step {run.step}) ---')
             print(FLAGS.prompt + text, flush=True)
     _run(generate)
 
@@ -330,3 +330,76 @@ def analyze_main(argv=None):
                                  out_dir=FLAGS.out_dir)
         print(json.dumps(paths), flush=True)
     _run(analyze)
+
+
+def forward_main(argv=None):
+    flags.DEFINE_string('workdir', None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+    flags.DEFINE_string('tokens', None, 'A .npy file of integer token ids [B, T] (or [T]); each '
+                        'row is one whole document.')
+    flags.DEFINE_string('out', None, 'Where to write the float32 logits [B, T, V] (.npy).')
+    _parse_run_flags(argv or sys.argv)
+
+    def forward():
+        import jax
+        from moejax import saved_run
+        if not FLAGS.tokens:
+            raise ConfigError('--tokens', FLAGS.tokens, 'is required: a .npy file of token ids')
+        saved_run.check_workdir(FLAGS.workdir)
+        # Everything is checked before the weights are read: the config says vocab and max_len.
+        cfg = saved_run.run_config(FLAGS.workdir, dtype='float32')
+        ids_BT = saved_run.check_tokens(saved_run.read_tokens(FLAGS.tokens), cfg)
+        saved_run.check_out(FLAGS.out)
+        run = saved_run.open_run(FLAGS.workdir, FLAGS.step, cfg=cfg)
+        logits_BTV = saved_run.forward_logits(run, ids_BT)
+        if jax.process_index() == 0:
+            saved_run.write_npy(FLAGS.out, logits_BTV)
+        print(json.dumps({'step': run.step, 'shape': list(logits_BTV.shape), 'out': FLAGS.out}),
+              flush=True)
+    _run(forward)
+
+
+def _default_recipe():
+    """configs/default.py of this checkout: the base of an imported model's non-model keys."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                        'default.py')
+    config, problem = _load_config(path)
+    if problem:
+        _usage_error(f'{path}: {problem}; pass --config=FILE')
+    return config
+
+
+def convert_main(argv=None):
+    argv = argv or sys.argv
+    _define_common(argv)
+    flags.DEFINE_string('from_hf', None, 'Import: a Hugging Face model directory (config.json, '
+                        'safetensors, tokenizer) -> a new --workdir at step 0.')
+    flags.DEFINE_string('to_hf', None, "Export: write --workdir's checkpoint to this directory "
+                        'in the published layout.')
+    flags.DEFINE_string('upcycle_from', None, 'Upcycle: a dense run whose FFNs become the experts '
+                        'of --config (an MoE config) in a new --workdir.')
+    flags.DEFINE_integer('step', None, 'Export/upcycle: the checkpoint step; default: the latest.')
+    flags.DEFINE_integer('max_shard_mb', 5000, 'Export: largest safetensors file, in MB.')
+    logging.getLogger('absl').addFilter(_ReadOnlyNotices())
+    _start(argv)
+
+    def convert():
+        modes = [m for m in ('from_hf', 'to_hf', 'upcycle_from') if getattr(FLAGS, m)]
+        if len(modes) != 1:
+            raise ConfigError('--from_hf/--to_hf/--upcycle_from', modes or None,
+                              'give exactly one of them')
+        from moejax import convert as convert_lib
+        if FLAGS.from_hf:
+            result = convert_lib.import_hf(FLAGS.from_hf, FLAGS.workdir,
+                                           FLAGS.config or _default_recipe())
+        elif FLAGS.to_hf:
+            result = convert_lib.export_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.step,
+                                           FLAGS.max_shard_mb << 20)
+        else:
+            if FLAGS.config is None:
+                raise ConfigError('--config', None, 'is required with --upcycle_from: the MoE '
+                                  'config, e.g. configs/default.py')
+            result = convert_lib.upcycle(FLAGS.upcycle_from, FLAGS.workdir, FLAGS.config,
+                                         FLAGS.step)
+        print(json.dumps(result), flush=True)
+    _run(convert)

@@ -131,8 +131,10 @@ def export_family(cfg) -> str:
         if e.num_shared_experts and not e.shared_gate:
             _export_refusal('moe.shared_gate', False, "Qwen2-MoE's shared expert is gated")
         if not config_lib.shared_d_ff(cfg):
-            _export_refusal('moe.gate_norm', e.gate_norm, 'Mixtral renormalises the top-k '
-                            'gates; Qwen2-MoE needs a shared expert; set model.qk_norm for Qwen3')
+            key, value = ('model.qkv_bias', True) if m.qkv_bias else ('moe.gate_norm', e.gate_norm)
+            _export_refusal(key, value, 'only Qwen2-MoE has q/k/v biases or raw gates without '
+                            'QK-norm, and it needs a gated shared expert (moe.num_shared_experts, '
+                            'moe.shared_gate); Mixtral renormalises the top-k gates')
         return 'qwen2_moe'
     if m.moe_every != 1 or config_lib.dense_layers(cfg):
         _export_refusal('model.dense_layers', list(config_lib.dense_layers(cfg)),

@@ -37,6 +37,14 @@ STEERING = frozenset({
     'opt.lr', 'opt.schedule', 'opt.warmup_steps', 'opt.clip_norm', 'opt.weight_decay',
     'opt.b1', 'opt.b2', 'opt.grad_accum'})
 STEERING_GROUPS = ('mesh.',)
+# A workdir whose only checkpoint is step 0 (written by moejax-convert: an imported or upcycled
+# model, nothing trained yet) is a starting point: no data has been consumed, so the data, the
+# compute dtype and the routing's capacity may still be chosen; the model and tokenizer may not.
+STARTING_POINT = frozenset({
+    'model.dtype', 'moe.dispatch', 'moe.capacity_factor', 'moe.eval_capacity_factor',
+    'moe.group_size', 'moe.jitter', 'moe.aux_loss_weight', 'moe.z_loss_weight',
+    'moe.capacity_rule', 'moe.min_capacity', 'moe.batch_prioritized'})
+FIXED_DATA = ('data.vocab_size', 'data.tokenizer', 'data.tokenizer_path')
 
 
 # ------------------------------------------------------------------------------------- lock
@@ -171,6 +179,10 @@ def is_steering(key: str) -> bool:
     return key in STEERING or key.startswith(STEERING_GROUPS)
 
 
+def is_free_at_start(key: str) -> bool:
+    return key in STARTING_POINT or key.startswith('data.') and key not in FIXED_DATA
+
+
 def _flatten(tree: dict, prefix: str = '') -> dict:
     flat = {}
     for key, value in tree.items():
@@ -233,7 +245,9 @@ def check_resume(cfg, workdir: str):
     if saved_cfg is None:
         return None, {}
     changes = config_changes(saved_cfg, cfg)
-    refused = {k: v for k, v in changes.items() if not is_steering(k)}
+    fresh = saved_steps(workdir) == [0]
+    refused = {k: v for k, v in changes.items()
+               if not (is_steering(k) or fresh and is_free_at_start(k))}
     if refused:
         raise refusal(workdir, refused, 'these keys change the saved state, the model function '
                       'or the data order')
