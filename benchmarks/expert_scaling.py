@@ -39,6 +39,9 @@ def parse_args(argv=None):
                    help='moe.group_size: tokens routed together (0: one sequence)')
     p.add_argument('--dispatch', default='dropless',
                    help="moe.dispatch: 'dropless' (nothing dropped) | 'sort' (capacity) | ...")
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='a config override for every model (a recipe to try), e.g. '
+                   'model.moe_every=1 (repeatable; values parsed as JSON, else kept as text)')
     p.add_argument('--jobs', type=int, default=2, help='seeds trained at once, one process each')
     p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)  # a --jobs worker
     p.add_argument('--data_dir', default=None, help='data.data_dir (default ~/tensorflow_datasets)')
@@ -56,10 +59,22 @@ def make_config(num_experts: int, seed: int, args):
     """quality.py's config (default.py, its steps and eval cadence) with E experts (0: dense)."""
     cfg = quality.make_config('dense' if num_experts == 0 else None, args)
     cfg.train.seed = seed
+    for key, value in map(parse_override, args.set):
+        group, name = key.split('.')
+        if num_experts or key != 'model.moe_every':  # the dense baseline stays dense
+            cfg[group][name] = value
     if num_experts:
         cfg.moe.update(num_experts=num_experts, group_size=args.group_size,
                        dispatch=args.dispatch)
     return cfg
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition('=')
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def mean_dropped(workdir: str):
@@ -112,7 +127,8 @@ def worker_argv(args) -> list[str]:
     """The options a --jobs worker shares with its parent."""
     argv = [f'--steps={args.steps}', f'--eval_every={args.eval_every}',
             f"--experts={','.join(map(str, args.experts))}", f'--group_size={args.group_size}',
-            f'--dispatch={args.dispatch}', f'--workdir={args.workdir}']
+            f'--dispatch={args.dispatch}', f'--workdir={args.workdir}',
+            *(f'--set={override}' for override in args.set)]
     return argv + ([f'--data_dir={args.data_dir}'] if args.data_dir else [])
 
 
@@ -158,6 +174,7 @@ def summarise(runs: dict, args) -> dict:
         rows.append(row)
     return {'benchmark': 'expert_scaling', 'steps': args.steps, 'eval_every': args.eval_every,
             'seeds': args.seeds, 'group_size': args.group_size, 'dispatch': args.dispatch,
+            'overrides': args.set,
             'machine': common.machine(), 'rows': rows,
             'curves': {f'seed{s}': {str(e): {'eval_steps': r['eval_steps'],
                                              'eval_loss': r['eval_loss'], 'seconds': r['seconds']}

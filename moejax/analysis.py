@@ -4,7 +4,6 @@ Both write PNG files. Figures are built with matplotlib's object API (`Figure`, 
 never pyplot, so they work without a display and leave a notebook's plotting backend alone.
 """
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import saved_run
+from moejax import workdir as workdir_lib
 from moejax.errors import ConfigError
 
 MAX_PLOTTED_TOKENS = 96  # a token map wider than this is unreadable; longer texts are cut
@@ -149,13 +149,10 @@ def _check_writable(directory: str, key: str, value: str, where: str) -> None:
     A read-only run (archived, another user's) is refused with the fix rather than written
     around: plots left in an unexpected place are plots lost.
     """
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise ConfigError(key, value, f'{where} cannot be written ({err.strerror or err}); '
-                          'pass --out_dir=DIR to write the plots elsewhere') from None
+    reason = workdir_lib.unwritable(directory)
+    if reason:
+        raise ConfigError(key, value, f'{where} cannot be written ({reason}); pass '
+                          '--out_dir=DIR to write the plots elsewhere')
 
 
 def analyze(workdir: str, *, text: str | None = None, step: int | None = None,

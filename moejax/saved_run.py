@@ -8,7 +8,6 @@ or written. A damaged newest checkpoint is reported and the previous one is used
 import dataclasses
 import functools
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -21,6 +20,7 @@ from moejax import data as data_lib
 from moejax import mesh as mesh_lib
 from moejax import model as model_lib
 from moejax import sampling, train
+from moejax import workdir as workdir_lib
 from moejax.data import tokenizer as tokenizer_lib
 from moejax.errors import ConfigError
 
@@ -144,13 +144,9 @@ def check_out(path: str, name: str = '--out') -> None:
     if os.path.isdir(path):
         raise ConfigError(name, path, 'is a directory: give a file path, e.g. logits.npy')
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise ConfigError(name, path, f'cannot be written in {directory} '
-                          f'({err.strerror or err})') from None
+    reason = workdir_lib.unwritable(directory)
+    if reason:
+        raise ConfigError(name, path, f'cannot be written in {directory} ({reason})')
 
 
 def write_npy(path: str, array: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 from moejax.errors import ConfigError
@@ -155,6 +156,17 @@ class WorkdirLock:
 
 
 # ------------------------------------------------------------------------------ resume guard
+
+
+def unwritable(directory: str) -> str | None:
+    """Why files cannot be written in directory (created if missing), or None if they can."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -71,6 +71,19 @@ def test_import_gives_transformers_logits(family, layout, tmp_path, data_dir):
     assert_close(saved_run.forward_logits(run, ids_BT), reference_BTV)
 
 
+def test_import_straight_into_an_expert_and_fsdp_sharded_mesh(tmp_path, data_dir):
+    """Parameters assembled slice by slice on the devices that hold them: same logits."""
+    ids_BT, reference_BTV = recorded('qwen3_moe')
+    base = base_config(data_dir)
+    base.mesh.update(data=1, fsdp=2, expert=4)
+    workdir = convert.import_hf(fixture('qwen3_moe', 'sharded'), str(tmp_path / 'w'), base)[
+        'workdir']
+    run = saved_run.open_run(workdir, dtype='float32')
+    w_in = run.params['blocks'][0]['ffn']['w_in_EDF'][...]
+    assert w_in.sharding.shard_shape(w_in.shape)[0] == w_in.shape[0] // 4  # experts split 4 ways
+    assert_close(saved_run.forward_logits(run, ids_BT), reference_BTV)
+
+
 def test_forward_command_on_an_import(imported, tmp_path):
     ids_BT, reference_BTV = recorded('qwen3_moe')
     np.save(tmp_path / 'ids.npy', ids_BT)

@@ -112,6 +112,18 @@ def check_ids(ids: dict, size: int, source: str) -> dict:
     return {**{f'{n}_id': ids[f'{n}_id'] for n in ID_NAMES}, 'derived': derived}
 
 
+def read_file(path: str, filename: str, fix: str) -> tuple[str, bytes]:
+    """(the directory, the bytes) of a tokenizer file given as its path or as the directory
+    holding `filename`; ConfigError naming data.tokenizer_path, with `fix`, when it is missing."""
+    full = os.path.expanduser(path)
+    hf_dir, file = (full, os.path.join(full, filename)) if os.path.isdir(full) else (
+        os.path.dirname(full), full)
+    if not os.path.isfile(file):
+        raise ConfigError('data.tokenizer_path', path, f'no such file; {fix}')
+    with open(file, 'rb') as f:
+        return hf_dir, f.read()
+
+
 def read_ids(directory: str) -> dict | None:
     """The ids saved beside a tokenizer in directory, or None (then they are chosen again)."""
     path = os.path.join(directory, IDS_FILENAME)
@@ -236,14 +248,8 @@ class HFTokenizer:
     def from_path(cls, path: str, vocab_size: int | None = None) -> 'HFTokenizer':
         """From a tokenizer.json or a HF model directory; ids from the HF files beside it (or a
         tokenizer_ids.json there, as saved in a moejax workdir)."""
-        full = os.path.expanduser(path)
-        hf_dir, file = (full, os.path.join(full, FILENAME)) if os.path.isdir(full) else (
-            os.path.dirname(full), full)
-        if not os.path.isfile(file):
-            raise ConfigError('data.tokenizer_path', path, 'no such file; give a tokenizer.json '
-                              'or a Hugging Face model directory that holds one')
-        with open(file, 'rb') as f:
-            file_bytes = f.read()
+        hf_dir, file_bytes = read_file(path, FILENAME, 'give a tokenizer.json or a Hugging '
+                                       'Face model directory that holds one')
         return cls(file_bytes, vocab_size, ids=read_ids(hf_dir), hf_dir=hf_dir, source=path)
 
     def token_text(self, i: int) -> str | None:

@@ -145,14 +145,8 @@ class SentencePieceTokenizer:
     def from_path(cls, path: str, vocab_size: int | None = None) -> 'SentencePieceTokenizer':
         """From a .model file or a HF model directory holding tokenizer.model; ids from the HF
         files beside it (or a tokenizer_ids.json there, as saved in a moejax workdir)."""
-        full = os.path.expanduser(path)
-        hf_dir, file = (full, os.path.join(full, cls.filename)) if os.path.isdir(full) else (
-            os.path.dirname(full), full)
-        if not os.path.isfile(file):
-            raise ConfigError('data.tokenizer_path', path, 'no such file; give an existing '
-                              'SentencePiece .model, or None to train one')
-        with open(file, 'rb') as f:
-            proto = f.read()
+        hf_dir, proto = hf.read_file(path, cls.filename, 'give an existing SentencePiece '
+                                     '.model, or None to train one')
         return cls(proto, vocab_size, path, ids=hf.read_ids(hf_dir), hf_dir=hf_dir)
 
     def token_text(self, i: int) -> str | None:
