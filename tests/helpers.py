@@ -9,7 +9,8 @@ from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_KEYS = ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'max_len', 'dtype',
-              'moe_every', 'activation')
+              'moe_every', 'activation', 'head_dim', 'qkv_bias', 'qk_norm', 'norm_eps',
+              'dense_layers')
 
 
 def tiny_config(**overrides):

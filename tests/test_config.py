@@ -20,7 +20,19 @@ BAD = [
     ('model.max_len', 8, '>= data.seq_len'),
     ('moe.jitter', 1.5, '[0, 1)'),
     ('opt.grad_accum', 3, 'divide data.batch_size'),
+    ('model.head_dim', 15, 'must be even'),
+    ('model.dense_layers', [5], 'distinct layer indices in [0, model.num_layers=2)'),
+    ('moe.shared_d_ff', 64, 'needs moe.num_shared_experts >= 1'),
+    ('moe.shared_gate', True, 'needs moe.num_shared_experts >= 1'),
 ]
+
+
+def test_dense_layers_break_scanned_periods():
+    cfg = tiny_config(moe_every=1, dense_layers=[0])
+    assert not config_lib.scans_layers(cfg)  # auto: unrolled
+    cfg.model.scan_layers = True
+    with pytest.raises(ConfigError, match='model.dense_layers=.0. breaks'):
+        config_lib.validate(cfg, num_devices=8)
 
 
 @pytest.mark.parametrize('key,value,message', BAD)

@@ -77,7 +77,10 @@ def test_dense_ffn_matches_numpy():
 
 def test_param_counts_match_the_arrays():
     for variant in ({}, {'activation': 'swiglu', 'num_shared_experts': 1},
-                    {'router': 'noisy_top_k', 'moe_every': 1}):
+                    {'router': 'noisy_top_k', 'moe_every': 1},
+                    {'activation': 'swiglu', 'head_dim': 8, 'qkv_bias': True, 'qk_norm': True,
+                     'moe_every': 1, 'dense_layers': [0], 'expert_d_ff': 40,
+                     'num_shared_experts': 1, 'shared_d_ff': 24, 'shared_gate': True}):
         cfg = tiny_config(**variant)
         params = nnx.state(make_model(cfg), nnx.Param)
         total = sum(x.size for x in jax.tree.leaves(params))
