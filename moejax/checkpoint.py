@@ -270,15 +270,10 @@ class Checkpointer:
             'version: resume with the config in config.json, use a new --workdir, or pass '
             '--restart to set this run aside and start over'))
 
-    def read(self, abstract_state, step: int | None = None):
-        """(state, step) of a saved step (default: the newest restorable) for a reader of a run;
-        a step that was never saved, or no restorable checkpoint, is a ConfigError."""
-        return self._read(lambda s: self._restore(abstract_state, s), step)
-
     def read_params(self, abstract_parts: dict, step: int | None = None):
         """(parts, step): only the named parts of a saved train state, e.g. {'params': ...,
         'extra': ...} given as ShapeDtypeStructs with their shardings, of `step` (default: the
-        newest restorable), as `read` does for whole states.
+        newest restorable); a step never saved, or no restorable checkpoint, is a ConfigError.
 
         Orbax's partial restore reads no other array: the optimizer moments (twice the
         parameters under Adam) take no memory and need not fit any optimizer (the digest check
