@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 import zlib
 
 import jax
@@ -69,7 +70,11 @@ def _quiet_event_loop_noise(excepthook, unraisablehook):
 
 
 def quiet_background_failures() -> None:
-    """Install both filters (once per process) in a process that writes checkpoints."""
+    """Install the filters (once per process) in a process that writes checkpoints."""
+    # A failed asynchronous write leaves TensorStore coroutines that are never awaited; Python
+    # warns of each during interpreter teardown, after the failure's one line was printed.
+    warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
     for name in ('absl', 'asyncio'):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):

@@ -311,20 +311,26 @@ def test_full_disk_gives_one_summary_line(finished, data_dir, cache_dir, tmp_pat
     kind = _small_filesystem(mount)
     workdir = os.path.join(mount, 'run')
     try:
-        if kind == 'tmpfs':  # room for the first checkpoint (step 5), not the second
+        if kind == 'tmpfs':
+            # 1.6 MB hold about one checkpoint (step 5) beside the logs; whether it fits varies
+            # by a few kB from run to run, so the one line must name what is on disk.
             result = train(workdir, data_dir, cache_dir)
-            reason, last = 'No space left on device', 'step 5'
+            reason = 'No space left on device'
         else:
             result = train(workdir, data_dir, cache_dir, preexec_fn=_limit_file_size)
-            reason, last = 'File too large', 'none'
+            reason = 'File too large'
         assert result.returncode == 1, result.stderr[-3000:]
+        saved = workdir_lib.saved_steps(workdir)
+        assert saved in ([], [5]) and (kind == 'tmpfs' or not saved)
+        last = f'step {saved[-1]}' if saved else 'none (no checkpoint was saved)'
+        # the disk fills during the next checkpoint's save, or (rarely) while the logs are written
+        failed_save = f'checkpoint at step {10 if saved else 5} not saved: {reason}'
+        stopped = f'the run stopped: {reason} writing '
         lines = error_lines(result)
-        assert lines == [f'moejax: checkpoint at step {10 if kind == "tmpfs" else 5} not saved: '
-                         f'{reason}; the last good checkpoint is {last}'] or \
-            (len(lines) == 1 and reason in lines[0] and last in lines[0]), result.stderr[-3000:]
+        assert len(lines) == 1 and lines[0].endswith(f'; the last good checkpoint is {last}') and (
+            lines[0].startswith(f'moejax: {failed_save};') or
+            lines[0].startswith(f'moejax: {stopped}')), result.stderr[-3000:]
         assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
-        if kind == 'tmpfs':
-            assert workdir_lib.saved_steps(workdir) == [5]
     finally:
         if kind == 'tmpfs':
             subprocess.run(['umount', mount], check=False)
