@@ -2,7 +2,8 @@
 
 Import fills the model/moe keys from the HF file (the rest from a base config) and refuses,
 in one line, what moejax cannot honour (another architecture, sliding-window attention, rope
-scaling, a non-SwiGLU activation). Imported models are dropless (no capacity), as HF computes them.
+scaling, a non-SwiGLU activation). Imported models are dropless (no capacity), as HF computes them,
+and route each sequence as one group, so any number of tokens can be run.
 Export picks the family that expresses the moejax model exactly, or refuses and says why.
 """
 import json
@@ -92,7 +93,7 @@ def to_moejax(hf: dict, hf_dir: str, base):
     shared = hf.get('shared_expert_intermediate_size', 0) if family == 'qwen2_moe' else 0
     e.update(num_experts=experts, top_k=hf['num_experts_per_tok'], router='top_k',
              gate_norm='renorm' if renorm else 'raw', dispatch='dropless', capacity_factor=0.0,
-             eval_capacity_factor=0.0, expert_d_ff=hf.get('moe_intermediate_size', 0),
+             eval_capacity_factor=0.0, group_size=0, expert_d_ff=hf.get('moe_intermediate_size', 0),
              num_shared_experts=1 if shared else 0, shared_d_ff=shared, shared_gate=bool(shared),
              aux_loss_weight=float(hf.get('router_aux_loss_coef', 0.0)), aux_loss_norm='tokens',
              z_loss_weight=0.0, jitter=float(hf.get('router_jitter_noise', 0.0)))

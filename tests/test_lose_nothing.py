@@ -339,6 +339,17 @@ def test_full_disk_gives_one_summary_line(finished, data_dir, cache_dir, tmp_pat
 # ------------------------------------------------------------------------------ unit tests
 
 
+def test_a_dense_run_resumes_whatever_the_unread_moe_keys_say():
+    saved = tiny_config(moe_every=0)
+    new = tiny_config(moe_every=0, dispatch='dropless', num_experts=16, group_size=64)
+    assert workdir_lib.config_changes(saved, new) == {}
+    new.model.moe_every = 2  # now the moe keys shape a layer: every change counts
+    changes = workdir_lib.config_changes(saved, new)
+    assert set(changes) == {'model.moe_every', 'moe.dispatch', 'moe.num_experts',
+                            'moe.group_size'}
+    assert changes['moe.dispatch'] == ('sort', 'dropless')
+
+
 def test_resume_rule_allows_steering_keys_and_refuses_the_rest_and_unknown_keys():
     saved, new = tiny_config(), tiny_config()
     new.train.num_steps, new.mesh.expert, new.opt.lr = 99, 2, 1e-4
