@@ -2,7 +2,8 @@
 
 COMMAND: python benchmarks/expert_scaling.py [--steps=360] [--eval_every=20]
              [--experts=4,8,16,32,64] [--seeds=0,1] [--dispatch=dropless] [--group_size=1024]
-             [--jobs=2] [--workdir=/tmp/moejax_expert_scaling]
+             [--variant=wide] [--set=KEY=VALUE ...] [--jobs=2]
+             [--workdir=/tmp/moejax_expert_scaling]
 Trains configs/default.py's dense variant and its top-1 MoE with each expert count (same
 d_model, d_ff per expert, so every model applies the same parameters to each token) for the same
 steps through the real training loop, once per seed: within a seed every model sees the same
@@ -17,6 +18,7 @@ small models faster side by side than one on both cores); every run resumes from
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument('--seeds', default='0,1', help='train.seed of each repeat, comma-separated')
     p.add_argument('--group_size', type=int, default=1024,
                    help='moe.group_size: tokens routed together (0: one sequence)')
+    p.add_argument('--variant', default='', help="configs/default.py variant every model builds "
+                   "on, e.g. 'wide' (the former default)")
     p.add_argument('--dispatch', default='dropless',
                    help="moe.dispatch: 'dropless' (nothing dropped) | 'sort' (capacity) | ...")
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -85,17 +89,25 @@ def mean_dropped(workdir: str):
 
 
 def train_seed(seed: int, args) -> None:
-    """Train the dense model and every MoE for one seed; each run's summary goes to its workdir
-    (a finished run is skipped, so an interrupted benchmark picks up where it stopped)."""
+    """Train the dense model and every MoE for one seed; each run's summary goes to its workdir.
+    A run finished at --steps is skipped, so an interrupted benchmark picks up where it stopped;
+    one finished at fewer steps resumes from its last checkpoint and trains on to --steps (with
+    opt.schedule=rsqrt or constant the schedule does not depend on the run's length, so that is
+    the same run as one trained to --steps from the start; seconds add up over the parts)."""
     run_args = argparse.Namespace(**{**vars(args), 'workdir': os.path.join(args.workdir,
                                                                            f'seed{seed}')})
     for num_experts in [0, *args.experts]:
         name = f'e{num_experts}' if num_experts else 'dense'
         summary_path = os.path.join(run_args.workdir, name, 'summary.json')
+        earlier_seconds = 0.0
         if os.path.exists(summary_path):
-            continue
+            with open(summary_path) as f:
+                earlier = json.load(f)
+            if earlier['eval_steps'][-1] >= args.steps:
+                continue
+            earlier_seconds = earlier['seconds']
         run = quality.train_run(name, make_config(num_experts, seed, run_args), run_args)
-        run.update(num_experts=num_experts, seed=seed,
+        run.update(num_experts=num_experts, seed=seed, seconds=run['seconds'] + earlier_seconds,
                    dropped_fraction=mean_dropped(run['workdir']))
         with open(summary_path, 'w') as f:
             json.dump(run, f)
@@ -127,7 +139,7 @@ def worker_argv(args) -> list[str]:
     """The options a --jobs worker shares with its parent."""
     argv = [f'--steps={args.steps}', f'--eval_every={args.eval_every}',
             f"--experts={','.join(map(str, args.experts))}", f'--group_size={args.group_size}',
-            f'--dispatch={args.dispatch}', f'--workdir={args.workdir}',
+            f'--dispatch={args.dispatch}', f'--variant={args.variant}', f'--workdir={args.workdir}',
             *(f'--set={override}' for override in args.set)]
     return argv + ([f'--data_dir={args.data_dir}'] if args.data_dir else [])
 
@@ -174,11 +186,27 @@ def summarise(runs: dict, args) -> dict:
         rows.append(row)
     return {'benchmark': 'expert_scaling', 'steps': args.steps, 'eval_every': args.eval_every,
             'seeds': args.seeds, 'group_size': args.group_size, 'dispatch': args.dispatch,
-            'overrides': args.set,
+            'variant': args.variant, 'overrides': args.set,
+            'loss_per_doubling': doubling_trend(rows[1:]),
             'machine': common.machine(), 'rows': rows,
             'curves': {f'seed{s}': {str(e): {'eval_steps': r['eval_steps'],
                                              'eval_loss': r['eval_loss'], 'seconds': r['seconds']}
                                     for e, r in by_e.items()} for s, by_e in runs.items()}}
+
+
+def doubling_trend(moe_rows: list[dict]) -> dict | None:
+    """Least-squares slope of final loss against log2(experts) over every (count, seed) run,
+    with its standard error: whether loss falls with the expert count beyond seed noise."""
+    points = [(math.log2(r['num_experts']), loss) for r in moe_rows
+              for loss in r['final_eval_loss']]
+    if len({x for x, _ in points}) < 2 or len(points) < 3:
+        return None
+    xs, ys = zip(*points)
+    slope, intercept = statistics.linear_regression(xs, ys)
+    x_mean = statistics.mean(xs)
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in points) / (len(points) - 2)
+    stderr = math.sqrt(residual / sum((x - x_mean) ** 2 for x in xs))
+    return {'slope': round(slope, 5), 'stderr': round(stderr, 5), 'runs': len(points)}
 
 
 def plot(result: dict, path: str) -> None:
@@ -214,6 +242,10 @@ def plot(result: dict, path: str) -> None:
     ax_final.set_xlabel('experts (top-1, same active parameters)')
     ax_final.set_ylabel(f"final validation loss after {result['steps']} steps")
     ax_final.legend(fontsize=8)
+    trend = result.get('loss_per_doubling')
+    if trend:
+        ax_final.set_title(f"per doubling of experts: {trend['slope']:+.4f} "
+                           f"± {trend['stderr']:.4f} nats (least squares, s.e.)", fontsize=9)
     fig.suptitle(f"Expert scaling on python_stdlib ({dense['active_params'] / 1e6:.2f}M active "
                  f"params, group {result['group_size'] or 'one sequence'}, {result['dispatch']})",
                  fontsize=10)
