@@ -1,14 +1,15 @@
 """Switch in small: a top-1 MoE against the dense model with the same active parameters.
 
-COMMAND: python benchmarks/quality.py [--steps=600] [--eval_every=50] [--data_dir=DIR]
-             [--workdir=/tmp/moejax_quality]
-Trains configs/default.py (Switch: top-1 routing over 8 experts in every other FFN) and its
-`dense` variant (every FFN dense, d_ff equal to one expert's, so both apply the same parameters
-to each token) for the same steps on the same batches of the embedded corpus, evaluating
-validation loss every --eval_every steps. Prints one JSON line with both curves and the first
-evaluated step at which the MoE reaches the dense model's final validation loss (plus a linear
-interpolation between evaluations), saves it to benchmarks/results/quality.json and plots the
-curves to benchmarks/results/quality.png. Each run resumes from its workdir if interrupted.
+COMMAND: python benchmarks/quality.py [--steps=600] [--eval_every=50] [--variant=wide]
+             [--data_dir=DIR] [--workdir=/tmp/moejax_quality]
+Trains configs/default.py (top-1 routing over 8 experts; with --variant=wide, the former
+default, in every other FFN) and its `dense` variant (every FFN dense, d_ff equal to one
+expert's, so both apply the same parameters to each token) for the same steps on the same
+batches of the embedded corpus, evaluating validation loss every --eval_every steps. Prints
+one JSON line with both curves and the first evaluated step at which the MoE reaches the dense
+model's final validation loss (plus a linear interpolation between evaluations), saves it to
+benchmarks/results/quality.json and plots the curves to benchmarks/results/quality.png. Each run
+resumes from its workdir if interrupted.
 """
 import argparse
 import json
@@ -28,6 +29,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--steps', type=int, default=600)
     p.add_argument('--eval_every', type=int, default=50)
+    p.add_argument('--variant', default='', help="configs/default.py variant both models build "
+                   "on, e.g. 'wide' (the former default)")
     p.add_argument('--data_dir', default=None, help='data.data_dir (default ~/tensorflow_datasets)')
     p.add_argument('--workdir', default='/tmp/moejax_quality', help='runs: WORKDIR/{dense,moe}')
     p.add_argument('--out', default=os.path.join(RESULTS, 'quality.json'))
@@ -36,7 +39,8 @@ def parse_args():
 
 
 def make_config(variant: str | None, args):
-    cfg = default.get_config(variant)
+    """default.py with args.variant (the layout both models share) and then variant."""
+    cfg = default.get_config(','.join(filter(None, [args.variant, variant])))
     cfg.train.update(num_steps=args.steps, eval_every=args.eval_every,
                      checkpoint_every=args.steps, log_every=10)
     if args.data_dir:

@@ -19,7 +19,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    cfg = default.get_config()
+    cfg = default.get_config('wide')  # keys not set here: the capacity-routed layout
     cfg.model.update(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336,
                      max_len=4096, dtype='bfloat16', moe_every=1, activation='swiglu',
                      rope_base=1e6)

@@ -13,7 +13,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    cfg = default.get_config()
+    cfg = default.get_config('wide')  # keys not set here: the capacity-routed layout
     cfg.model.update(d_model=1280, num_layers=16, num_heads=20, num_kv_heads=0, d_ff=3072,
                      max_len=2048, dtype='bfloat16', moe_every=2, activation='swiglu')
     cfg.moe.update(num_experts=8, top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0,

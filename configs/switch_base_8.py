@@ -14,7 +14,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    cfg = default.get_config()
+    cfg = default.get_config('wide')  # keys not set here: the capacity-routed layout
     cfg.model.update(d_model=768, num_layers=24, num_heads=12, d_ff=3072, max_len=512,
                      dtype='bfloat16', moe_every=2, activation='gelu')
     cfg.moe.update(num_experts=int(arg or 8), top_k=1, capacity_factor=1.25,
