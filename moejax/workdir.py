@@ -211,9 +211,9 @@ ABSENT = '(absent)'
 def config_changes(saved_cfg, cfg) -> dict[str, tuple]:
     """{key: (saved value, new value)} for every key of cfg that differs from the saved config.
 
-    Keys only the saved config has are ignored: this code no longer reads them, as no layer of
-    a dense model (moe_every 0 in both) reads the moe.* keys. Keys with an automatic value
-    compare as resolved (scan_layers None is whatever the depth implies)."""
+    Ignored: keys only the saved config has (this code no longer reads them), and the moe.*
+    keys when both models are dense (moe_every 0: no layer reads them). Keys with an automatic
+    value compare as resolved (scan_layers None is whatever the depth implies)."""
     from moejax import config as config_lib
     old, new = _flatten(saved_cfg.to_dict()), _flatten(cfg.to_dict())
     old['model.scan_layers'] = config_lib.scans_layers(saved_cfg)
