@@ -9,6 +9,16 @@ import jax  # noqa: E402
 jax.config.update('jax_num_cpu_devices', 8)
 
 
+def pytest_addoption(parser):
+    parser.addoption('--router_ulps', type=int, default=0,
+                     help='nudge the router logits of every layout compared with a reference '
+                     'by this many ulps (tests/decisions.py): verdicts must not change')
+
+
+def pytest_configure(config):
+    from tests import decisions
+    decisions.LAYOUT_ULPS = config.getoption('router_ulps')
+
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):

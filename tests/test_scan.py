@@ -17,6 +17,7 @@ from moejax import config as config_lib
 from moejax import model as model_lib
 from moejax import train
 from moejax.errors import ConfigError
+from tests import decisions
 from tests.helpers import tiny_config
 
 
@@ -80,7 +81,9 @@ def test_scanned_equals_unrolled(moe_every, remat, router):
     cfg.model.remat = remat
     unrolled, scanned = models(cfg)
     data = batch(cfg)
-    loss_u, stats_u, grads_u = loss_and_grads(unrolled, cfg, data)
+    with decisions.record() as margins:
+        loss_u, stats_u, grads_u = loss_and_grads(unrolled, cfg, data)
+    margins.assert_clear()
     loss_s, stats_s, grads_s = loss_and_grads(scanned, cfg, data)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     assert_close(stats_s, stats_u)
@@ -100,7 +103,9 @@ def test_remat_policies_change_nothing(remat, scan):
     cfg_remat.model.remat = remat
     rematted = model_lib.Transformer(cfg_remat, rngs=nnx.Rngs(params=jax.random.key(0)))
     data = batch(cfg)
-    loss_r, _, grads_r = loss_and_grads(reference, cfg, data)
+    with decisions.record() as margins:
+        loss_r, _, grads_r = loss_and_grads(reference, cfg, data)
+    margins.assert_clear()
     loss, _, grads = loss_and_grads(rematted, cfg, data)
     np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
     assert_close(grads, grads_r)
@@ -158,7 +163,9 @@ def test_tiny_training_logs_the_same_losses_scanned_or_not(tmp_path):
         cfg.mesh.update(data=2, fsdp=2, expert=2)
         cfg.train.update(num_steps=4, log_every=1, eval_every=0, checkpoint_every=100)
         workdir = str(tmp_path / f'scan_{scan}')
-        train.train_and_evaluate(cfg, workdir)
+        with decisions.record() as margins:
+            train.train_and_evaluate(cfg, workdir)
+        margins.assert_clear()
         with open(os.path.join(workdir, 'metrics.jsonl')) as f:
             records = [json.loads(line) for line in f]
         losses[scan] = [r['loss'] for r in records if 'loss' in r]
