@@ -1,4 +1,4 @@
-"""Attention implementations (moejax.attention): forward+backward time and peak temporaries.
+"""Attention implementations (moejax.model.attention): forward+backward time and peak temporaries.
 
 COMMAND: python benchmarks/attention.py [--shapes=4x256x8x64,2x1024x8x64,1x2048x8x64]
              [--kv_heads=2] [--dtype=float32] [--block=128] [--impls=xla,chunked] [--repeats=5]
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import common  # puts the repository on sys.path
 from moe_layer import median_ratio, time_round_robin
-from moejax import attention  # noqa: E402
+from moejax.model import attention  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 

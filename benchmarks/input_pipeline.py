@@ -70,11 +70,13 @@ def main():
 def train_tokens_per_sec(cfg, source, steps: int) -> float:
     """Tokens/s the config's jitted train step consumes (after 2 warm-up steps)."""
     import jax
-    from moejax import mesh, train
-    setup = train.make_setup(cfg, mesh.make_mesh(cfg.mesh))
-    state = train.init_state(setup, cfg.train.seed)
-    step_fn, _ = train.compile_steps(setup)
-    batches = [train.global_batch(setup, source[i]) for i in range(steps + 2)]
+    from moejax import mesh
+    from moejax.run import state as state_lib
+    from moejax.run import step as step_lib
+    setup = state_lib.make_setup(cfg, mesh.make_mesh(cfg.mesh))
+    state = state_lib.init_state(setup, cfg.train.seed)
+    step_fn, _ = step_lib.compile_steps(setup)
+    batches = [state_lib.global_batch(setup, source[i]) for i in range(steps + 2)]
     for batch in batches[:2]:
         state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)

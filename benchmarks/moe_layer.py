@@ -5,8 +5,8 @@ COMMAND: python benchmarks/moe_layer.py [--tokens=4096] [--group_size=1024] [--d
              [--grouped_matmul=auto,ragged_dot]
 GPU:     python benchmarks/moe_layer.py --dtype=bfloat16 --tokens=65536 --d_model=1024
              --d_ff=2048 --grouped_matmul=auto,ragged_dot,blocks
-The MoE layer is the float32 router + top-k routing (moejax.routing) + dispatch_combine with
-each engine + the experts' FFNs (moejax.experts: SwiGLU by default, or GELU); the dense
+The MoE layer is the float32 router + top-k routing (moejax.moe.routing) + dispatch_combine with
+each engine + the experts' FFNs (moejax.moe.experts: SwiGLU by default, or GELU); the dense
 baseline is the same FFN with d_ff = k * d_ff, called as the model calls it, on [B, T, D]
 (B rows of group_size tokens). Dropless runs with each --grouped_matmul backend (the first is
 reported as 'dropless', others as 'dropless_<backend>'). Everything runs forward and backward
@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 
 import common  # puts the repository on sys.path
-from moejax import dispatch, experts, routing  # noqa: E402
+from moejax.moe import dispatch  # noqa: E402
+from moejax.moe import experts  # noqa: E402
+from moejax.moe import routing  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 

@@ -19,8 +19,8 @@ import time
 
 import common  # puts the repository on sys.path, for configs/
 from configs import default  # noqa: E402
-from moejax import model as model_lib  # noqa: E402
-from moejax import train  # noqa: E402
+from moejax.model import transformer as model_lib  # noqa: E402
+from moejax.run import loop  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
@@ -62,7 +62,7 @@ def eval_curve(workdir: str) -> list[tuple[int, float]]:
 def train_run(name: str, cfg, args) -> dict:
     workdir = os.path.join(args.workdir, name)
     start = time.time()
-    last = train.train_and_evaluate(cfg, workdir)
+    last = loop.train_and_evaluate(cfg, workdir)
     curve = eval_curve(workdir)
     return {'workdir': workdir, 'seconds': round(time.time() - start, 1),
             'tokens_per_sec': last.get('tokens_per_sec'), 'final_eval_loss': curve[-1][1],

@@ -4,7 +4,7 @@ COMMAND: python benchmarks/train_step.py [--config=configs/default.py]
              [--dense=configs/default.py:dense] [--engines=sort,dropless,einsum] [--steps=10]
              [--grouped_matmul=auto]
 GPU:     python benchmarks/train_step.py --config=configs/moe_1b.py --dense=configs/moe_1b.py:dense
-Each model runs the real jitted train_step (moejax.train) on synthetic batches (uniform random
+Each model runs the real jitted train_step (moejax.run.step) on synthetic batches (uniform random
 token ids, one document per row; no data pipeline). After warm-up, the models take turns step
 by step, and each round also times a large matmul in the model dtype: its FLOP/s is the
 measured peak (peak_flops_measured). Model FLOPs are counted the way MaxText does: 6 x active
@@ -27,9 +27,10 @@ import numpy as np
 import common  # puts the repository on sys.path
 from moejax import config as config_lib  # noqa: E402
 from moejax import mesh as mesh_lib  # noqa: E402
-from moejax import metrics as metrics_lib  # noqa: E402
-from moejax import model as model_lib  # noqa: E402
-from moejax import train  # noqa: E402
+from moejax.run import metrics as metrics_lib  # noqa: E402
+from moejax.model import transformer as model_lib  # noqa: E402
+from moejax.run import state as state_lib  # noqa: E402
+from moejax.run import step as step_lib  # noqa: E402
 
 REPO = common.REPO
 
@@ -65,10 +66,10 @@ class Model:
     def __init__(self, cfg):
         config_lib.validate(cfg, jax.device_count())
         self.cfg = cfg
-        self.setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-        self.state = train.init_state(self.setup, cfg.train.seed)
-        self.step_fn, _ = train.compile_steps(self.setup)
-        self.batch = train.global_batch(self.setup, synthetic_batch(cfg, 0))
+        self.setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+        self.state = state_lib.init_state(self.setup, cfg.train.seed)
+        self.step_fn, _ = step_lib.compile_steps(self.setup)
+        self.batch = state_lib.global_batch(self.setup, synthetic_batch(cfg, 0))
         self.tokens = cfg.data.batch_size * cfg.data.seq_len
 
     def step(self) -> float:

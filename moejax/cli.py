@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import ml_collections
 from absl import flags
@@ -178,8 +179,9 @@ def _interrupted(*_):
 
 def _check_early(cfg, workdir) -> None:
     """Validate config and workdir before the slow imports, so a typo costs a second or two.
-    (train.prepare checks them again, with the data, for callers that skip the CLI.)"""
+    (loop.prepare checks them again, with the data, for callers that skip the CLI.)"""
     import jax
+
     from moejax import config as config_lib
     config_lib.validate(cfg, jax.device_count())
     config_lib.check_workdir(workdir)
@@ -208,15 +210,15 @@ def train_main(argv=None):
     def train():
         if not FLAGS.dry_run:
             _check_early(FLAGS.config, FLAGS.workdir)
-        from moejax import train
+        from moejax.run import guards, loop
         if FLAGS.dry_run:
-            from moejax import dry_run
+            from moejax.plan import dry_run
             print(json.dumps(dry_run.plan(FLAGS.config)), flush=True)
             return
-        from moejax.checkpoint import SaveError
+        from moejax.run.checkpoint import SaveError
         try:
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
-        except (train.NonFiniteError, SaveError) as err:  # one line, not a traceback
+            loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+        except (guards.NonFiniteError, SaveError) as err:  # one line, not a traceback
             print(f'moejax: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
         except OSError as err:
@@ -238,7 +240,7 @@ def _disk_full(err: OSError, workdir: str) -> None:
     """A full disk outside the checkpoint's own save (metrics, events, while a save was in
     flight): one line naming the last committed checkpoint, then exit 1 at once, so Orbax's
     unfinished writes print no tracebacks during interpreter teardown."""
-    from moejax import workdir as workdir_lib
+    from moejax.run import workdir as workdir_lib
     steps = workdir_lib.saved_steps(workdir)
     last = f'step {steps[-1]}' if steps else 'none (no checkpoint was saved)'
     print(f'moejax: the run stopped: {err.strerror} writing {err.filename or "to the workdir"}; '
@@ -262,8 +264,8 @@ def eval_main(argv=None):
             if not os.path.exists(saved):
                 raise ConfigError('--config', None, f'is required: {saved} does not exist')
             cfg = config_lib.from_json(saved)  # a damaged file fails here, before slow imports
-        from moejax import train
-        result = train.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step)
+        from moejax.readers import evaluation
+        result = evaluation.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step)
         print(json.dumps(result), flush=True)
     _run(evaluate)
 
@@ -305,7 +307,7 @@ def generate_main(argv=None):
         from moejax import config as config_lib
         config_lib.check_sampling_args(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
                                        FLAGS.num_samples)
-        from moejax import sampling, saved_run
+        from moejax.readers import sampling, saved_run
         run = saved_run.open_run(FLAGS.workdir, FLAGS.step)
         texts = sampling.generate_text(run, FLAGS.prompt, FLAGS.max_new_tokens,
                                        temperature=FLAGS.temperature, top_k=FLAGS.top_k,
@@ -325,7 +327,7 @@ def analyze_main(argv=None):
     _parse_run_flags(argv or sys.argv)
 
     def analyze():
-        from moejax import analysis
+        from moejax.readers import analysis
         paths = analysis.analyze(FLAGS.workdir, text=FLAGS.text, step=FLAGS.step,
                                  out_dir=FLAGS.out_dir)
         print(json.dumps(paths), flush=True)
@@ -342,7 +344,8 @@ def forward_main(argv=None):
 
     def forward():
         import jax
-        from moejax import saved_run
+
+        from moejax.readers import saved_run
         if not FLAGS.tokens:
             raise ConfigError('--tokens', FLAGS.tokens, 'is required: a .npy file of token ids')
         saved_run.check_workdir(FLAGS.workdir)
@@ -388,7 +391,7 @@ def convert_main(argv=None):
         if len(modes) != 1:
             raise ConfigError('--from_hf/--to_hf/--upcycle_from', modes or None,
                               'give exactly one of them')
-        from moejax import convert as convert_lib
+        from moejax.hf import convert as convert_lib
         if FLAGS.from_hf:
             result = convert_lib.import_hf(FLAGS.from_hf, FLAGS.workdir,
                                            FLAGS.config or _default_recipe())
@@ -403,3 +406,53 @@ def convert_main(argv=None):
                                          FLAGS.step)
         print(json.dumps(result), flush=True)
     _run(convert)
+
+
+def plan_main(argv=None):
+    """launch/plan.py and moejax-plan: rank layouts for --devices of --device_memory."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from moejax.plan import search
+    argv = argv or sys.argv
+    config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/mixtral_8x7b.py; '
+                                    'override keys with --config.group.key=value.',
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_integer('devices', None, 'Devices to plan for (CPU-simulated here).')
+    flags.DEFINE_string('device_memory', '80GB', 'Memory per device: 80GB (1e9), 80GiB (2**30).')
+    flags.DEFINE_enum('chip', 'h100', sorted(search.CHIPS),
+                      'Peak numbers for the step-time estimate.')
+    flags.DEFINE_list('remat', list(search.REMATS_BY_MEMORY), 'model.remat policies to try.')
+    flags.DEFINE_list('grad_accum', None, 'opt.grad_accum values to try (default: all valid).')
+    flags.DEFINE_string('meshes', None, 'Only these layouts: data=1,fsdp=8,expert=8,tensor=1;...')
+    _recipes_importable(argv)
+    try:
+        flags.FLAGS(argv)
+        flags.FLAGS.config.keys()
+    except Exception as err:  # noqa: BLE001 - config_flags raises plain errors for bad files
+        _usage_error(_explain_flag_error(err, argv))
+    FLAGS = flags.FLAGS
+    if not FLAGS.devices or FLAGS.devices < 1:
+        _usage_error('--devices is required: the number of devices to plan for, e.g. 64')
+    import jax  # the backend must not have started: simulate the devices on the CPU
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+
+    def run():
+        memory = search.parse_bytes(FLAGS.device_memory)
+        bad = [r for r in FLAGS.remat if r not in search.REMATS_BY_MEMORY]
+        if bad:
+            raise ConfigError('--remat', ','.join(bad),
+                              'allowed: ' + ', '.join(search.REMATS_BY_MEMORY))
+        if not all(g.strip().isdigit() for g in FLAGS.grad_accum or []):
+            raise ConfigError('--grad_accum', FLAGS.grad_accum, 'must be integers, e.g. 1,2,4')
+        accums = [int(g) for g in FLAGS.grad_accum] if FLAGS.grad_accum else None
+        say = lambda text: print(f'[plan {time.strftime("%H:%M:%S")}] {text}', file=sys.stderr,
+                                 flush=True)
+        rows = search.plan_layouts(FLAGS.config, FLAGS.devices, memory, remats=FLAGS.remat,
+                                   layouts=search.parse_layouts(FLAGS.meshes), accums=accums,
+                                   chip=FLAGS.chip, progress=say)
+        print(search.table(rows, memory, FLAGS.chip), flush=True)
+        print(json.dumps({'devices': FLAGS.devices, 'device_memory_bytes': memory,
+                          'candidates': rows}), flush=True)
+    _run(run)

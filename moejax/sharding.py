@@ -7,7 +7,14 @@ change is a change of rules, never of model code.
 from typing import Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Parameters carry logical names as metadata only; jit applies the shardings (moejax.run.state),
+# so building a layer or a block alone needs no mesh.
+nnx.use_eager_sharding(False)
 
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -75,3 +82,10 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules=DEFAULT_RULES) 
         axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a in names)
         return axes or None
     return jax.lax.with_sharding_constraint(x, P(*(keep(e) for e in spec)))
+
+
+def param(rngs: nnx.Rngs, shape, logical, fan_in: int, scale: float = 1.0) -> nnx.Param:
+    """A float32 weight with its logical axis names, drawn from a truncated normal with std
+    scale / sqrt(fan_in)."""
+    init = nnx.initializers.truncated_normal(stddev=scale / fan_in ** 0.5)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=logical)

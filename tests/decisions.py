@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import routing
+from moejax.moe import routing
 
 # Scores differ between layouts by ~1e-7 after a few steps (float32 ulps of O(0.1) values,
 # grown by a few optimizer steps); a margin 20x that is a decision no rounding can flip.

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import analysis, data as data_lib, model as model_lib
+from moejax import data as data_lib
 from moejax.errors import ConfigError
+from moejax.model import transformer as model_lib
+from moejax.moe.block import MoEBlock
+from moejax.readers import analysis
 from tests.helpers import run_cli, tiny_config
 
 TEXT = 'def add(a, b):\n    return a + b  # sums\n'
@@ -32,7 +35,7 @@ def hand_top1(model, ids_T, bias_E=None):
     for block in model.blocks:
         x = x + block.attn(block.attn_norm(jnp.asarray(x)), seg_BT, pos_BT)
         h = block.ffn_norm(x)
-        if isinstance(block.ffn, model_lib.moe.MoEBlock):
+        if isinstance(block.ffn, MoEBlock):
             w_DE = np.asarray(block.ffn.router.w_DE[...], np.float64)
             logits = np.asarray(h[0], np.float64) @ w_DE
             probs = np.exp(logits - logits.max(-1, keepdims=True))

@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from moejax import attention, config
+from moejax import config
 from moejax.errors import ConfigError
+from moejax.model import attention
 from tests.helpers import run_cli, tiny_config
 from tests.test_parallel import assert_same_training, make_config, one_device, run
 

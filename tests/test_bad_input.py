@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import metrics, moe
 from moejax.data import corpus
 from moejax.errors import ConfigError
+from moejax.moe.block import MoEBlock
+from moejax.run import metrics
 from tests.helpers import run_cli, tiny_config
 
 TINY = '--config=configs/default.py:tiny'
@@ -93,7 +94,7 @@ def test_analyze_tolerates_a_partial_last_line(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])['expert_load']
     with open(out, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-    from moejax import analysis  # what was plotted: exactly the complete records
+    from moejax.readers import analysis  # what was plotted: exactly the complete records
     steps_N, load_NLE = analysis.expert_load_history(str(workdir / 'metrics.jsonl'))
     np.testing.assert_array_equal(steps_N, [r['step'] for r in records])
     np.testing.assert_allclose(load_NLE, [r['expert_load'] for r in records])
@@ -181,7 +182,7 @@ def test_capacity_factor_zero_drops_nothing():
                                       'small': ('einsum', 0.25)}.items():
         cfg = tiny_config(d_model=32, d_ff=64, num_experts=4, top_k=2, dispatch=dispatch_name,
                           capacity_factor=cf, eval_capacity_factor=cf)
-        block = moe.MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+        block = MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
         outputs[name] = [block(x_BTD, seg_BT, train=t) for t in (True, False)]
     for name in ('zero', 'negative'):
         for (y, stats), (y_ref, _) in zip(outputs[name], outputs['dropless']):
@@ -194,6 +195,7 @@ def test_capacity_factor_zero_drops_nothing():
 @pytest.mark.parametrize('bad', [float('nan'), float('inf'), 'auto', None])
 def test_capacity_factor_must_still_be_a_finite_number(key, bad):
     import ml_collections
+
     from moejax import config as config_lib
     values = tiny_config().to_dict()
     group, name = key.split('.')

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import dispatch as D
-from moejax import grouped
-from moejax.routing import Routing, expert_choice_routing
+from moejax.moe import dispatch as D
+from moejax.moe import grouped
+from moejax.moe.routing import Routing, expert_choice_routing
 
 nnx.use_eager_sharding(False)
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from configs import mixtral_8x7b, switch_base_128, switch_base_8
-from moejax import model as model_lib
+from configs import mixtral_8x7b, switch_base_8, switch_base_128
+from moejax.model import transformer as model_lib
 from tests.helpers import REPO
 
 

@@ -8,9 +8,11 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax import dispatch, experts, grouped, layers, model, moe
 from moejax.errors import ConfigError
-from moejax.routing import Routing
+from moejax.model import transformer as model
+from moejax.moe import dispatch, experts, grouped
+from moejax.moe.block import MoEBlock
+from moejax.moe.routing import Routing
 from tests.helpers import tiny_config
 
 nnx.use_eager_sharding(False)
@@ -100,7 +102,7 @@ def test_ffn_convention_matches_numpy(gated):
         np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(experts.batched_ffn(w, jnp.asarray(x))[e], want, rtol=1e-5,
                                    atol=1e-6)
-    mlp = layers.MLP(D, F, 'swiglu' if gated else 'gelu', rngs=nnx.Rngs(params=0))
+    mlp = experts.MLP(D, F, 'swiglu' if gated else 'gelu', rngs=nnx.Rngs(params=0))
     mlp.w_in_DF[...], mlp.w_out_FD[...] = w.w_in_EDF[0], w.w_out_EFD[0]
     if gated:
         mlp.w_gate_DF[...] = w.w_gate_EDF[0]
@@ -172,8 +174,8 @@ def test_dense_mlp_equals_a_one_expert_moe(engine, activation):
     the dense MLP's weights it is the dense MLP (same convention on both paths)."""
     cfg = tiny_config(num_experts=1, top_k=1, capacity_factor=2.0, eval_capacity_factor=2.0,
                       dispatch=engine, activation=activation)
-    block = moe.MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
-    dense = layers.MLP(cfg.model.d_model, cfg.model.d_ff, activation,
+    block = MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+    dense = experts.MLP(cfg.model.d_model, cfg.model.d_ff, activation,
                        rngs=nnx.Rngs(params=jax.random.key(1)))
     block.w_in_EDF[...] = dense.w_in_DF[...][None]
     block.w_out_EFD[...] = dense.w_out_FD[...][None]

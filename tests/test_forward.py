@@ -11,18 +11,19 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
 from moejax import config as config_lib
 from moejax import mesh as mesh_lib
-from moejax import saved_run, train
 from moejax.errors import ConfigError
+from moejax.readers import saved_run
+from moejax.run import checkpoint as checkpoint_lib
+from moejax.run import state as state_lib
 from tests.helpers import run_cli, tiny_config
 
 
 def full_restore(workdir: str, step: int | None = None):
     """(TrainState, step) the way training resumes: every part, optimizer moments included."""
     cfg = config_lib.from_json(os.path.join(workdir, 'config.json'))
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
     checkpointer = checkpoint_lib.Checkpointer(workdir, 3, read_only=True)
     try:
         state, _, saved_step = checkpointer.restore(setup.abstract_state, step)
@@ -56,8 +57,8 @@ def save_run(workdir: str, cfg):
     """A run's directory as training leaves it (config.json, one checkpoint) from a fresh
     state whose model state is not empty (loss-free balancing keeps a bias per MoE layer)."""
     os.makedirs(workdir, exist_ok=True)
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    state = train.init_state(setup, seed=3)
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    state = state_lib.init_state(setup, seed=3)
     # A bias that is not the initial zeros, so reading it back means something.
     state = state.replace(extra=jax.tree.map(lambda x: x + jnp.arange(x.size).reshape(x.shape),
                                              state.extra))
@@ -95,7 +96,7 @@ def test_dtype_override_changes_the_compute_dtype_only(tmp_path):
 
 def direct_logits(cfg, state, ids_BT) -> np.ndarray:
     """The model of cfg with the state's weights, called directly on the rows."""
-    model = nnx.merge(train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh)).graphdef,
+    model = nnx.merge(state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh)).graphdef,
                       state.params, state.extra)
     B, T = ids_BT.shape
     return np.asarray(model(jnp.asarray(ids_BT), jnp.ones((B, T), jnp.int32),
@@ -132,11 +133,11 @@ def test_open_run_of_a_directory_that_holds_no_run_is_one_line(tmp_path):
 
 def test_padding_rows_fill_the_batch_shards_and_whole_groups():
     """8 data-parallel devices; groups of 6 tokens with T=3 span two rows."""
-    setup = train.make_setup(tiny_config(), mesh_lib.make_mesh(tiny_config().mesh))
+    setup = state_lib.make_setup(tiny_config(), mesh_lib.make_mesh(tiny_config().mesh))
     assert saved_run.padded_rows(setup, 1, 5) == 8
     assert saved_run.padded_rows(setup, 9, 5) == 16
     grouped = tiny_config(group_size=6)
-    setup = train.make_setup(grouped, mesh_lib.make_mesh(grouped.mesh))
+    setup = state_lib.make_setup(grouped, mesh_lib.make_mesh(grouped.mesh))
     rows = saved_run.padded_rows(setup, 2, 3)  # 2 rows = one group; padding: whole groups
     assert rows % 8 == 0 and (rows * 3) % 6 == 0 and (rows * 3 // 6) % 8 == 0
     assert rows == 16

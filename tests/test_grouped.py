@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from moejax import dispatch, experts, grouped
+from moejax.moe import dispatch, experts, grouped
 
 D, F = 4, 6
 

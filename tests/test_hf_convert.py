@@ -14,8 +14,10 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from configs import default
-from moejax import convert, saved_run, train
 from moejax.errors import ConfigError
+from moejax.hf import convert
+from moejax.readers import evaluation, saved_run
+from moejax.run import loop
 from tests import decisions
 from tests.helpers import run_cli, tiny_config
 
@@ -141,7 +143,7 @@ def test_an_export_loads_in_transformers(imported, tmp_path):
 
 def eval_loss(workdir: str, step=None) -> float:
     cfg = saved_run.run_config(workdir)
-    return train.evaluate_checkpoint(cfg, workdir, 'validation', step)['loss']
+    return evaluation.evaluate_checkpoint(cfg, workdir, 'validation', step)['loss']
 
 
 @pytest.mark.slow
@@ -152,8 +154,8 @@ def test_fine_tuning_an_import_lowers_its_loss(imported, tmp_path):
     cfg.train.update(num_steps=20, eval_every=0, checkpoint_every=20)
     cfg.data.update(batch_size=8, eval_batches=2)  # free: the workdir holds only step 0
     cfg.opt.update(lr=1e-3, warmup_steps=2)
-    before = train.evaluate_checkpoint(cfg, workdir, 'validation', 0)['loss']
-    train.train_and_evaluate(cfg, workdir)
+    before = evaluation.evaluate_checkpoint(cfg, workdir, 'validation', 0)['loss']
+    loop.train_and_evaluate(cfg, workdir)
     after = eval_loss(workdir, 20)
     assert after < before - 0.3, (before, after)
 
@@ -163,7 +165,7 @@ def dense_run(tmp_path_factory, data_dir):
     cfg = tiny_config(moe_every=0, activation='swiglu')
     cfg.data.data_dir = data_dir
     workdir = str(tmp_path_factory.mktemp('dense') / 'w')
-    train.train_and_evaluate(cfg, workdir)
+    loop.train_and_evaluate(cfg, workdir)
     return workdir
 
 

@@ -9,23 +9,28 @@ import os
 import numpy as np
 import pytest
 import sentencepiece as spm
-from tokenizers import Tokenizer
-from tokenizers import decoders
-from tokenizers import models
-from tokenizers import normalizers
-from tokenizers import pre_tokenizers
-from tokenizers import processors
-from tokenizers import trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from moejax import data
 from moejax.data import hf_tokenizer as hf
 from moejax.errors import ConfigError
-from tests.test_data import all_rows
-from tests.test_data import make_cfg
-from tests.test_data import reconstruct
-from tests.test_data import stdlib_validation_bytes
-from tests.test_data import synthetic_documents
-from tests.test_data import write_lines_corpus
+from moejax.hf import tokenizer as hf_tokenizer_io
+from tests.test_data import (
+    all_rows,
+    make_cfg,
+    reconstruct,
+    stdlib_validation_bytes,
+    synthetic_documents,
+    write_lines_corpus,
+)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf', 'mixtral', 'single')
 ASCII = ['def f(x):\n    return x + 1\n', 'the thin interpreter', '  two  spaces ', 'x']
@@ -220,7 +225,7 @@ def test_sentencepiece_with_mixtral_ids(tmp_path):
     hf_dir.mkdir()
     (hf_dir / 'tokenizer.model').write_bytes(proto)
     (hf_dir / 'config.json').write_text('{"bos_token_id": 1, "eos_token_id": 2}')
-    assert data.import_hf_tokenizer(str(hf_dir), str(tmp_path / 'work')) == 'sentencepiece'
+    assert hf_tokenizer_io.import_tokenizer(str(hf_dir), str(tmp_path / 'work')) == 'sentencepiece'
     ours = data.load_tokenizer(str(tmp_path / 'work'))
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # pad: eos, as documented
     sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -229,7 +234,7 @@ def test_sentencepiece_with_mixtral_ids(tmp_path):
         # The dummy prefix '▁' SentencePiece puts before a text counts as one byte.
         assert ours.byte_lengths()[ours.encode(text)].sum() == len(text.encode()) + 1
     out = tmp_path / 'out'
-    assert data.export_hf_tokenizer(str(tmp_path / 'work'), str(out)) == 'sentencepiece'
+    assert hf_tokenizer_io.export_tokenizer(str(tmp_path / 'work'), str(out)) == 'sentencepiece'
     assert (out / 'tokenizer.model').read_bytes() == proto
     config = json.loads((out / 'tokenizer_config.json').read_text())
     assert (config['bos_token'], config['eos_token'], config['pad_token']) == ('<s>', '</s>', None)
@@ -251,9 +256,9 @@ def test_moejax_sentencepiece_keeps_its_cache_name(tmp_path):
 def test_import_and_export_round_trip(tmp_path, qwen_like):
     path, tok = qwen_like
     work, out = str(tmp_path / 'work'), str(tmp_path / 'out')
-    assert data.import_hf_tokenizer(str(tmp_path), work) is None  # no tokenizer there
-    assert data.import_hf_tokenizer(path, work) == 'hf'
-    assert data.export_hf_tokenizer(work, out) == 'hf'
+    assert hf_tokenizer_io.import_tokenizer(str(tmp_path), work) is None  # no tokenizer there
+    assert hf_tokenizer_io.import_tokenizer(path, work) == 'hf'
+    assert hf_tokenizer_io.export_tokenizer(work, out) == 'hf'
     assert open(os.path.join(out, 'tokenizer.json'), 'rb').read() == open(
         os.path.join(path, 'tokenizer.json'), 'rb').read()
     config = json.load(open(os.path.join(out, 'tokenizer_config.json')))
@@ -261,13 +266,13 @@ def test_import_and_export_round_trip(tmp_path, qwen_like):
     assert (config['bos_token'], config['eos_token'], config['pad_token']) == (
         None, '<|im_end|>', '<|endoftext|>')  # bos was derived, not found: left as it was
     reimported = str(tmp_path / 'again')
-    data.import_hf_tokenizer(out, reimported)
+    hf_tokenizer_io.import_tokenizer(out, reimported)
     assert data.load_tokenizer(reimported).ids == data.load_tokenizer(work).ids
 
 
 def test_byte_tokenizer_exports_an_equivalent_hf_file(tmp_path):
     data.ByteTokenizer().save(str(tmp_path / 'work'))
-    assert data.export_hf_tokenizer(str(tmp_path / 'work'), str(tmp_path / 'out')) == 'byte'
+    assert hf_tokenizer_io.export_tokenizer(str(tmp_path / 'work'), str(tmp_path / 'out')) == 'byte'
     theirs = Tokenizer.from_file(str(tmp_path / 'out/tokenizer.json'))
     byte = data.ByteTokenizer()
     for text in TEXTS:

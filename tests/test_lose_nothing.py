@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from moejax import workdir as workdir_lib
+from moejax.run import workdir as workdir_lib
 from tests.helpers import REPO, tiny_config
 
 COMMAND = ('--config=configs/default.py:tiny', '--config.train.log_every=1')
@@ -364,15 +364,16 @@ def test_resume_rule_allows_steering_keys_and_refuses_the_rest_and_unknown_keys(
 
 
 def test_spike_guard_threshold_is_factor_times_the_recent_mean_and_survives_a_checkpoint():
-    from moejax import train
     import numpy as np
-    assert train.SpikeGuard(0.0, []).threshold() == ()  # off: the step takes no threshold
-    guard = train.SpikeGuard(10.0, [])
+
+    from moejax.run import guards
+    assert guards.SpikeGuard(0.0, []).threshold() == ()  # off: the step takes no threshold
+    guard = guards.SpikeGuard(10.0, [])
     assert guard.threshold() == (np.float32(np.inf),)  # nothing applied yet
     for step in range(40):
         guard.update({'loss': np.float32(1 + step), 'skipped': 0})
     guard.update({'loss': np.float32(1e9), 'skipped': 1})  # a skipped step does not count
-    window = np.arange(40 - train.SpikeGuard.WINDOW + 1, 41, dtype=np.float64)
+    window = np.arange(40 - guards.SpikeGuard.WINDOW + 1, 41, dtype=np.float64)
     assert guard.threshold() == (np.float32(10 * window.mean()),)
-    resumed = train.SpikeGuard(10.0, json.loads(json.dumps(guard.state()['recent_losses'])))
+    resumed = guards.SpikeGuard(10.0, json.loads(json.dumps(guard.state()['recent_losses'])))
     assert resumed.threshold() == guard.threshold()

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import layers, model as model_lib, moe
+from moejax.model import transformer as model_lib
+from moejax.moe import experts
+from moejax.moe.block import MoEBlock
 from tests.helpers import tiny_config
 
 
@@ -53,8 +55,8 @@ def test_packed_documents_do_not_see_each_other():
 def test_moe_block_with_one_expert_equals_dense_ffn():
     """E=1, k=1, ample capacity: the gate is softmax over one expert = 1, so MoE == its FFN."""
     cfg = tiny_config(num_experts=1, top_k=1, capacity_factor=2.0, eval_capacity_factor=2.0)
-    block = moe.MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
-    dense = layers.MLP(cfg.model.d_model, cfg.model.d_ff, 'gelu',
+    block = MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+    dense = experts.MLP(cfg.model.d_model, cfg.model.d_ff, 'gelu',
                        rngs=nnx.Rngs(params=jax.random.key(1)))
     dense.w_in_DF[...] = block.w_in_EDF[...][0]
     dense.w_out_FD[...] = block.w_out_EFD[...][0]
@@ -66,7 +68,7 @@ def test_moe_block_with_one_expert_equals_dense_ffn():
 
 def test_dense_ffn_matches_numpy():
     cfg = tiny_config()
-    mlp = layers.MLP(cfg.model.d_model, cfg.model.d_ff, 'swiglu',
+    mlp = experts.MLP(cfg.model.d_model, cfg.model.d_ff, 'swiglu',
                      rngs=nnx.Rngs(params=jax.random.key(0)))
     x = np.random.default_rng(0).normal(size=(1, 3, cfg.model.d_model)).astype(np.float32)
     w_in, w_gate, w_out = (np.asarray(v[...]) for v in (mlp.w_in_DF, mlp.w_gate_DF, mlp.w_out_FD))

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import checkpoint as checkpoint_lib
 from moejax import mesh as mesh_lib
-from moejax import routing, train
+from moejax.moe import routing
+from moejax.run import checkpoint as checkpoint_lib
+from moejax.run import state as state_lib
+from moejax.run import step as step_lib
 from tests import decisions
 from tests.helpers import tiny_config
 
@@ -57,12 +59,12 @@ def run(cfg, devices=None, *, ulps=None):
     """Per-step metrics of STEPS training steps on cfg's mesh, the compiled program's text, and
     the margins of its routing decisions. ulps: nudge the router logits by this many ulps
     (default: the --router_ulps option)."""
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh, devices))
-    state = train.init_state(setup, cfg.train.seed)
-    batches = [train.global_batch(setup, b) for b in make_batches(cfg, STEPS)]
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh, devices))
+    state = state_lib.init_state(setup, cfg.train.seed)
+    batches = [state_lib.global_batch(setup, b) for b in make_batches(cfg, STEPS)]
     ulps = decisions.LAYOUT_ULPS if ulps is None else ulps
     with decisions.record(capacity(cfg)) as margins, decisions.perturbed(ulps):
-        step = train.compile_steps(setup)[0].lower(state, batches[0]).compile()
+        step = step_lib.compile_steps(setup)[0].lower(state, batches[0]).compile()
     history = []
     for batch in batches:
         state, metrics = step(state, batch)
@@ -137,8 +139,8 @@ def test_all_to_all_expert_choice_matches_one_device():
 def test_each_device_holds_its_share_of_the_experts():
     """From the arrays: E / mesh.expert experts per device, distinct along the expert axis."""
     cfg = make_config({'fsdp': 2, 'expert': 4})
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    state = train.init_state(setup, 0)
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    state = state_lib.init_state(setup, 0)
     E, D = cfg.moe.num_experts, cfg.model.d_model
     # The expert weights, and the optimizer's moments of them (mu, nu).
     found = [(jax.tree_util.keystr(path), leaf)
@@ -162,8 +164,8 @@ def test_each_device_holds_its_share_of_the_experts():
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     """Saved on data=8, restored onto data=2 x expert=4: same values, the new shardings."""
     cfg = make_config({'data': 8})
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    state = train.init_state(setup, 0)
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    state = state_lib.init_state(setup, 0)
     # Distinct non-zero optimizer moments, so a mix-up between leaves would show.
     bump = lambda x: x * 2 + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3
     state = state.replace(opt_state=jax.tree.map(bump, state.opt_state))
@@ -172,7 +174,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     saver.close()
 
     cfg2 = make_config({'data': 2, 'expert': 4})
-    setup2 = train.make_setup(cfg2, mesh_lib.make_mesh(cfg2.mesh))
+    setup2 = state_lib.make_setup(cfg2, mesh_lib.make_mesh(cfg2.mesh))
     loader = checkpoint_lib.Checkpointer(str(tmp_path), keep=1)
     restored, data_state, step = loader.restore(setup2.abstract_state)
     loader.close()

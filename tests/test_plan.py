@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moejax import dry_run, plan
 from moejax.errors import ConfigError
+from moejax.plan import dry_run
+from moejax.plan import search as plan
 from tests.helpers import run_cli, tiny_config
 
 LAYOUT = dict(data=2, fsdp=2, expert=2, tensor=1)

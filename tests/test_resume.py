@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import checkpoint as checkpoint_lib
 from moejax import mesh as mesh_lib
-from moejax import metrics as metrics_lib
-from moejax import train
+from moejax.run import checkpoint as checkpoint_lib
+from moejax.run import guards
+from moejax.run import metrics as metrics_lib
+from moejax.run import state as state_lib
+from moejax.run import step as step_lib
 from tests import decisions
 from tests.helpers import REPO, tiny_config
 
@@ -289,19 +291,19 @@ def test_logged_float32_values_are_exact():
 
 
 def test_skip_counter_stops_after_too_many_in_a_row():
-    skips = train.SkipCounter(limit=2)
+    skips = guards.SkipCounter(limit=2)
     for step, skipped in enumerate([1, 0, 1], start=1):  # never two in a row
         skips.update(skipped)
         skips.check(step)
     assert (skips.total, skips.in_a_row) == (2, 1)
-    resumed = train.SkipCounter(2, **skips.state())  # counts survive a checkpoint
+    resumed = guards.SkipCounter(2, **skips.state())  # counts survive a checkpoint
     resumed.update(1)
-    with pytest.raises(train.NonFiniteError, match='max_skipped_steps=2'):
+    with pytest.raises(guards.NonFiniteError, match='max_skipped_steps=2'):
         resumed.check(4)
 
 
 def test_stop_signal_defers_the_first_signal_and_honours_a_second():
-    stop = train.StopSignal()
+    stop = guards.StopSignal()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
@@ -342,22 +344,22 @@ def batch_16():
 def compiled_step(grad_accum: int):
     """(setup, jitted train_step) for step_config(grad_accum), compiled once per module."""
     cfg = step_config(grad_accum)
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    return setup, train.compile_steps(setup)[0]
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    return setup, step_lib.compile_steps(setup)[0]
 
 
 def one_step(grad_accum, batch, poison=False, compiled=None):
     """(state before, state after, metrics) of one jitted train_step, as host arrays
     (compiled: a (setup, step) pair to use instead of the module's)."""
     setup, step_fn = compiled or compiled_step(grad_accum)
-    state = train.init_state(setup, setup.cfg.train.seed)
+    state = state_lib.init_state(setup, setup.cfg.train.seed)
     if poison:  # a NaN in one weight: the loss and every gradient become NaN
         leaves, treedef = jax.tree.flatten(state.params)
         leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
         state = jax.device_put(state.replace(params=jax.tree.unflatten(treedef, leaves)),
                                setup.state_shardings)
     before = jax.device_get(state)
-    after, metrics = step_fn(state, train.global_batch(setup, batch))
+    after, metrics = step_fn(state, state_lib.global_batch(setup, batch))
     return before, jax.device_get(after), jax.device_get(metrics)
 
 

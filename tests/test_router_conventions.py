@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config, data, evaluate, mesh, train
-from moejax import dispatch as D
-from moejax import routing as R
+from moejax import config, data, mesh
+from moejax.moe import dispatch as D
+from moejax.moe import routing as R
+from moejax.run import evaluate
+from moejax.run import state as state_lib
+from moejax.run import step as step_lib
 from tests.helpers import moe_cfg, tiny_config
 
 nnx.use_eager_sharding(False)
@@ -446,13 +449,13 @@ def train_briefly(cfg, corpus_dir):
     cfg.opt.update(lr=3e-3, warmup_steps=2)
     cfg.mesh.update(data=1)
     config.validate(cfg, 1)
-    setup = train.make_setup(cfg, mesh.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-    state = train.init_state(setup, seed=0)
-    step_fn, eval_fn = train.compile_steps(setup)
+    setup = state_lib.make_setup(cfg, mesh.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    state = state_lib.init_state(setup, seed=0)
+    step_fn, eval_fn = step_lib.compile_steps(setup)
     batches = data.train_batches(cfg, data.get_tokenizer(cfg))
     losses = []
     for i in range(STEPS):
-        batch = train.global_batch(setup, batches[i])
+        batch = state_lib.global_batch(setup, batches[i])
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics['ce_loss']))
     sums = eval_fn(state.params, state.extra, batch, jnp.ones(cfg.data.vocab_size))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import routing as R
+from moejax.moe import routing as R
 from tests.helpers import moe_cfg
 
 nnx.use_eager_sharding(False)

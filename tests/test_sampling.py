@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from moejax import data as data_lib
-from moejax import model as model_lib
-from moejax import sampling, train
+from moejax.model import transformer as model_lib
+from moejax.readers import evaluation, sampling, saved_run
 from tests.helpers import run_cli, tiny_config
 
 
@@ -152,16 +152,16 @@ def test_eval_cli_writes_perplexity_of_a_saved_step(trained):
 @pytest.mark.slow
 def test_eval_any_step_and_split_on_any_mesh(trained):
     workdir, cfg = trained
-    at = {step: train.evaluate_checkpoint(cfg, workdir, 'validation', step) for step in (5, 10)}
+    at = {step: evaluation.evaluate_checkpoint(cfg, workdir, 'validation', step) for step in (5, 10)}
     assert at[10]['perplexity'] < at[5]['perplexity']  # validation perplexity falls
     for result in at.values():
         assert result['perplexity'] == pytest.approx(math.exp(result['loss']), rel=1e-9)
-    on_train = train.evaluate_checkpoint(cfg, workdir, 'train', 10)
+    on_train = evaluation.evaluate_checkpoint(cfg, workdir, 'train', 10)
     assert on_train['split'] == 'train' and on_train['loss'] != at[10]['loss']
     # The same checkpoint on another layout (experts split over 4 devices): the same numbers.
     other = cfg.copy_and_resolve_references()
     other.mesh.update(data=2, expert=4)
-    moved = train.evaluate_checkpoint(other, workdir, 'validation', 10)
+    moved = evaluation.evaluate_checkpoint(other, workdir, 'validation', 10)
     assert moved['loss'] == pytest.approx(at[10]['loss'], rel=1e-5, abs=1e-5)
     assert moved['tokens'] == at[10]['tokens']
     np.testing.assert_allclose(moved['expert_load'], at[10]['expert_load'], atol=1e-5)
@@ -175,7 +175,7 @@ def test_generate_prints_text_from_a_checkpoint(trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith('import os') and len(proc.stdout) > len('import os\n')
     # In-process, the same checkpoint and settings give the same text.
-    loaded = sampling.load(workdir)
+    loaded = saved_run.open_run(workdir)
     assert loaded.step == 10
     text = sampling.generate_text(loaded, 'import os', 16, temperature=0.0)[0]
     assert proc.stdout == 'import os' + text + '\n'

@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax import model as model_lib
-from moejax import train
 from moejax.errors import ConfigError
+from moejax.model import transformer as model_lib
+from moejax.run import loop
+from moejax.run import step as step_lib
 from tests import decisions
 from tests.helpers import tiny_config
 
@@ -62,8 +63,8 @@ def loss_and_grads(model, cfg, data):
         m = nnx.merge(graphdef, params, rest)
         logits, stats = m(data['inputs'], data['segment_ids'], data['positions'], train=True,
                           rng=jax.random.key(5))
-        parts = train.loss_parts(logits, data, stats, jnp.sum(data['segment_ids'] > 0))
-        return train.total_loss(parts, cfg.moe), stats
+        parts = step_lib.loss_parts(logits, data, stats, jnp.sum(data['segment_ids'] > 0))
+        return step_lib.total_loss(parts, cfg.moe), stats
     (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     return loss, stats, grads.to_pure_dict()
 
@@ -164,7 +165,7 @@ def test_tiny_training_logs_the_same_losses_scanned_or_not(tmp_path):
         cfg.train.update(num_steps=4, log_every=1, eval_every=0, checkpoint_every=100)
         workdir = str(tmp_path / f'scan_{scan}')
         with decisions.record() as margins:
-            train.train_and_evaluate(cfg, workdir)
+            loop.train_and_evaluate(cfg, workdir)
         margins.assert_clear()
         with open(os.path.join(workdir, 'metrics.jsonl')) as f:
             records = [json.loads(line) for line in f]

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import data, mesh, train
+from moejax import data, mesh
+from moejax.run import state as state_lib
+from moejax.run import step as step_lib
 from tests.helpers import run_cli, tiny_config
 
 STEPS = 24
@@ -37,13 +39,13 @@ def losses_of(cfg, corpus_dir):
     cfg.opt.update(lr=3e-3, warmup_steps=2)
     cfg.mesh.update(data=1)
     devices = jax.devices()[:1]
-    setup = train.make_setup(cfg, mesh.make_mesh(cfg.mesh, devices=devices))
-    state = train.init_state(setup, seed=0)
-    step_fn, _ = train.compile_steps(setup)
+    setup = state_lib.make_setup(cfg, mesh.make_mesh(cfg.mesh, devices=devices))
+    state = state_lib.init_state(setup, seed=0)
+    step_fn, _ = step_lib.compile_steps(setup)
     batches = data.train_batches(cfg, data.get_tokenizer(cfg))
     losses = []
     for i in range(STEPS):
-        state, metrics = step_fn(state, train.global_batch(setup, batches[i]))
+        state, metrics = step_fn(state, state_lib.global_batch(setup, batches[i]))
         losses.append(float(metrics['ce_loss']))
     return np.array(losses)
 

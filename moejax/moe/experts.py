@@ -6,7 +6,7 @@ GELU experts (no w_gate) compute gelu(x @ w_in) @ w_out. The dense MLP, shared e
 capacity buffers, dropless groups and the all_to_all path's local experts all call this file.
 
 Grouped matmuls (dropless: rows sorted by expert, one group per expert), `moe.grouped_matmul`:
-- 'blocks': loops over experts and dense row blocks (moejax.grouped), ~1x the dense work on
+- 'blocks': loops over experts and dense row blocks (moejax.moe.grouped), ~1x the dense work on
   CPU, where jax.lax.ragged_dot does every expert's work on every row;
 - 'ragged_dot': jax.lax.ragged_dot (XLA's kernel on GPU/TPU);
 - 'tokamax': tokamax.ragged_dot: the Mosaic GPU kernel on H100, the Pallas (Megablox-style)
@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from moejax import grouped
+from moejax import sharding
 from moejax.errors import ConfigError
+from moejax.moe import grouped
 
 BACKENDS = ('auto', 'blocks', 'ragged_dot', 'tokamax')
 KEY = 'moe.grouped_matmul'
@@ -154,3 +156,20 @@ def expert_ffn(w: ExpertWeights, x_ECD, backend: str = 'auto'):
                                w.w_out_EFD.astype(dt), jnp.full((e,), c, jnp.int32), blocks,
                                activate)
     return y_MD.reshape(e, c, -1)
+
+
+class MLP(nnx.Module):
+    """The dense FFN: D -> F -> D, GELU or SwiGLU (moejax.moe.experts' convention:
+    (silu(x @ w_gate) * (x @ w_in)) @ w_out)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs):
+        self.activation = activation
+        self.w_in_DF = sharding.param(rngs, (d_model, d_ff), ('embed', 'mlp'), d_model)
+        self.w_gate_DF = (sharding.param(rngs, (d_model, d_ff), ('embed', 'mlp'), d_model)
+                          if activation == 'swiglu' else None)
+        self.w_out_FD = sharding.param(rngs, (d_ff, d_model), ('mlp', 'embed'), d_ff)
+
+    def __call__(self, x_BTD):
+        w_gate = None if self.w_gate_DF is None else self.w_gate_DF[...]
+        hidden = lambda h: sharding.constrain(h, ('batch', 'length', 'act_mlp'))
+        return ffn(x_BTD, self.w_in_DF[...], w_gate, self.w_out_FD[...], hidden)

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import dispatch, experts, sharding
-from moejax.routing import Routing
+from moejax import sharding
+from moejax.moe import dispatch, experts
+from moejax.moe.routing import Routing
 
 EXPERT_AXIS = 'expert'
 
@@ -104,7 +105,7 @@ def _exchange_and_run(w_local: dispatch.ExpertWeights, x_gECD, *, tensor_axes, b
 
 
 def _local_experts(w: dispatch.ExpertWeights, x_nLCD, backend):
-    """The local experts' FFN (moejax.experts, as on the GSPMD path) on the slots that all n
+    """The local experts' FFN (moejax.moe.experts, as on the GSPMD path) on the slots that all n
     devices of the expert row sent them, expert dim leading."""
     n, l, c, d = x_nLCD.shape
     x_LMD = jnp.swapaxes(x_nLCD, 0, 1).reshape(l, n * c, d)

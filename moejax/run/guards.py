@@ -12,7 +12,7 @@ import threading
 import jax
 import numpy as np
 
-from moejax import workdir as workdir_lib
+from moejax.run import workdir as workdir_lib
 
 
 class StopSignal:

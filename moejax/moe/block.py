@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax import dispatch, expert_parallel, layers, routing, sharding
+from moejax import sharding
+from moejax.moe import dispatch, expert_parallel, experts, routing
 
 
 class MoEBlock(nnx.Module):
@@ -17,16 +18,16 @@ class MoEBlock(nnx.Module):
         self.moe_cfg = e
         self.router = routing.Router(m.d_model, e, rngs=rngs)
         E, D, F = e.num_experts, m.d_model, config_lib.expert_d_ff(cfg)
-        self.w_in_EDF = layers.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
-        self.w_gate_EDF = (layers.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
+        self.w_in_EDF = sharding.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
+        self.w_gate_EDF = (sharding.param(rngs, (E, D, F), ('exp', 'embed', 'mlp'), D)
                            if m.activation == 'swiglu' else None)
-        self.w_out_EFD = layers.param(rngs, (E, F, D), ('exp', 'mlp', 'embed'), F)
+        self.w_out_EFD = sharding.param(rngs, (E, F, D), ('exp', 'mlp', 'embed'), F)
         shared_width = config_lib.shared_d_ff(cfg)
-        self.shared = (layers.MLP(D, shared_width, m.activation, rngs=rngs)
+        self.shared = (experts.MLP(D, shared_width, m.activation, rngs=rngs)
                        if shared_width else None)
         # Qwen2-MoE: the shared experts' output is scaled by sigmoid(x @ w), a learned per-token
         # choice between the shared FFN and the routed experts (NLLB-200's two-level gate).
-        self.shared_gate_D1 = (layers.param(rngs, (D, 1), ('embed', None), D)
+        self.shared_gate_D1 = (sharding.param(rngs, (D, 1), ('embed', None), D)
                                if shared_width and e.get('shared_gate', False) else None)
 
     def expert_weights(self, dtype) -> dispatch.ExpertWeights:

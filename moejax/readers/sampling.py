@@ -88,12 +88,6 @@ def generate(model, prompt_BP, max_new_tokens: int, *, temperature: float = 0.0,
                                    top_k=top_k, seed=seed)
 
 
-def load(workdir: str, step: int | None = None):
-    """Step `step` (default: the newest) of a run: saved_run.open_run, under its old name."""
-    from moejax import saved_run  # saved_run imports this module (for its sampler)
-    return saved_run.open_run(workdir, step)
-
-
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """A prompt as the model saw documents in training: bos, then the text's tokens."""
     return [tokenizer.bos_id] + list(tokenizer.encode(prompt))

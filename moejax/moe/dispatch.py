@@ -4,7 +4,7 @@ Three engines with one meaning for token-choice routing:
 - 'einsum': GShard/Switch one-hot dispatch/combine tensors [G, S, E, C] (the reference).
 - 'sort': the same capacity, the same dropped assignments, by a stable sort of (token, choice)
   pairs and gathers into [G, E, C, D] buffers; no O(S*E*C) tensors.
-- 'dropless': no capacity; pairs sorted by expert run as grouped matmuls (moejax.experts:
+- 'dropless': no capacity; pairs sorted by expert run as grouped matmuls (moejax.moe.experts:
   `moe.grouped_matmul` picks CPU block loops, jax.lax.ragged_dot or tokamax's kernels).
 Capacity priority (GShard): within a group all first choices come before any second choice,
 and within a choice rank earlier tokens first (with batch-prioritized routing: tokens with
@@ -16,9 +16,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax import experts as experts_lib
-from moejax import grouped, sharding
-from moejax.routing import Routing
+from moejax import sharding
+from moejax.moe import experts as experts_lib
+from moejax.moe import grouped
+from moejax.moe.routing import Routing
 
 ENGINES = ('einsum', 'sort', 'dropless')
 GECD_NAMES = ('expert_group', 'act_exp', 'capacity', 'act_embed')
@@ -256,7 +257,7 @@ def dispatch_combine(x_GSD, mask_GS, routing: Routing, w: ExpertWeights, *, engi
     (token, choice) assignments that found no slot (0 for dropless, expert choice and soft).
     num_experts: the buffers' E when w holds only this device's experts (the all_to_all path,
     whose `experts` exchanges buffers between expert shards); default w's own count.
-    grouped_matmul: `moe.grouped_matmul` (moejax.experts.BACKENDS) for dropless groups and,
+    grouped_matmul: `moe.grouped_matmul` (moejax.moe.experts.BACKENDS) for dropless groups and,
     with 'blocks', for the default `experts` on buffers.
     """
     if engine not in ENGINES:

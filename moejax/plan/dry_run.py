@@ -13,8 +13,9 @@ import numpy as np
 
 from moejax import config as config_lib
 from moejax import mesh as mesh_lib
-from moejax import model as model_lib
-from moejax import train
+from moejax.model import transformer as model_lib
+from moejax.run import state as state_lib
+from moejax.run import step as step_lib
 
 
 def bytes_per_device(tree) -> int:
@@ -35,13 +36,13 @@ def abstract_batch(setup) -> dict:
 def make_setup(cfg):
     """Validate cfg for the current devices and trace its model abstractly (nothing compiled)."""
     config_lib.validate(cfg, jax.device_count())
-    return train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    return state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
 
 
 def compile_step(setup):
     """The train step training would run, compiled with abstract (sharded, unallocated) state
     and batch."""
-    step, _ = train.compile_steps(setup)
+    step, _ = step_lib.compile_steps(setup)
     return step.lower(setup.abstract_state, abstract_batch(setup)).compile()
 
 

@@ -2,17 +2,15 @@
 
 For each candidate (mesh layout over data/fsdp/expert/tensor, model.remat, opt.grad_accum) the
 train step is compiled ahead of time on N CPU-simulated devices with the dry run's own code
-(moejax.dry_run), so the bytes per device here are the dry run's. The step time is an
+(moejax.plan.dry_run), so the bytes per device here are the dry run's. The step time is an
 ESTIMATE from the compiled program: matmul FLOPs, bytes accessed and collective bytes counted
 from its HLO (loop bodies times their trip counts) against a chip's peak numbers, assuming no
 overlap of communication with compute. It ranks layouts; it does not predict MFU.
 
     python launch/plan.py --config=configs/mixtral_8x7b.py --devices=64 --device_memory=80GB
 """
-import json
 import math
 import re
-import sys
 import time
 
 from moejax import config as config_lib
@@ -211,7 +209,7 @@ def evaluate(cfg, layout: dict, remat: str, grad_accum: int, memory_limit: int,
              chip: str = 'h100') -> dict:
     """Compile one candidate with the dry run's code; its bytes per device, fit and estimate.
     Never raises for a layout that is invalid, too big or fails to compile: it says so."""
-    from moejax import dry_run  # imports the training stack: only once planning starts
+    from moejax.plan import dry_run  # imports the training stack: only once planning starts
     c = variant(cfg, layout, remat, grad_accum)
     micro = cfg.data.batch_size // grad_accum
     row = {'mesh': dict(layout), 'remat': remat, 'grad_accum': grad_accum, 'micro_batch': micro,
@@ -360,50 +358,3 @@ def parse_layouts(text: str | None) -> list[dict] | None:
             layout[axis.strip()] = int(size)
         layouts.append(layout)
     return layouts
-
-
-def main(argv=None):
-    """launch/plan.py and moejax-plan: rank layouts for --devices of --device_memory."""
-    from absl import flags
-    from ml_collections import config_flags
-    from moejax import cli
-    argv = argv or sys.argv
-    config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/mixtral_8x7b.py; '
-                                    'override keys with --config.group.key=value.',
-                                    lock_config=True, sys_argv=argv)
-    flags.DEFINE_integer('devices', None, 'Devices to plan for (CPU-simulated here).')
-    flags.DEFINE_string('device_memory', '80GB', 'Memory per device: 80GB (1e9), 80GiB (2**30).')
-    flags.DEFINE_enum('chip', 'h100', sorted(CHIPS), 'Peak numbers for the step-time estimate.')
-    flags.DEFINE_list('remat', list(REMATS_BY_MEMORY), 'model.remat policies to try.')
-    flags.DEFINE_list('grad_accum', None, 'opt.grad_accum values to try (default: all valid).')
-    flags.DEFINE_string('meshes', None, 'Only these layouts: data=1,fsdp=8,expert=8,tensor=1;...')
-    cli._recipes_importable(argv)
-    try:
-        flags.FLAGS(argv)
-        flags.FLAGS.config.keys()
-    except Exception as err:  # noqa: BLE001 - config_flags raises plain errors for bad files
-        cli._usage_error(cli._explain_flag_error(err, argv))
-    FLAGS = flags.FLAGS
-    if not FLAGS.devices or FLAGS.devices < 1:
-        cli._usage_error('--devices is required: the number of devices to plan for, e.g. 64')
-    import jax  # the backend must not have started: simulate the devices on the CPU
-    jax.config.update('jax_platforms', 'cpu')
-    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
-
-    def run():
-        memory = parse_bytes(FLAGS.device_memory)
-        bad = [r for r in FLAGS.remat if r not in REMATS_BY_MEMORY]
-        if bad:
-            raise ConfigError('--remat', ','.join(bad), 'allowed: ' + ', '.join(REMATS_BY_MEMORY))
-        if not all(g.strip().isdigit() for g in FLAGS.grad_accum or []):
-            raise ConfigError('--grad_accum', FLAGS.grad_accum, 'must be integers, e.g. 1,2,4')
-        accums = [int(g) for g in FLAGS.grad_accum] if FLAGS.grad_accum else None
-        say = lambda text: print(f'[plan {time.strftime("%H:%M:%S")}] {text}', file=sys.stderr,
-                                 flush=True)
-        rows = plan_layouts(FLAGS.config, FLAGS.devices, memory, remats=FLAGS.remat,
-                            layouts=parse_layouts(FLAGS.meshes), accums=accums, chip=FLAGS.chip,
-                            progress=say)
-        print(table(rows, memory, FLAGS.chip), flush=True)
-        print(json.dumps({'devices': FLAGS.devices, 'device_memory_bytes': memory,
-                          'candidates': rows}), flush=True)
-    cli._run(run)

@@ -16,13 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
 from moejax import config as config_lib
-from moejax import hf_config, hf_weights, saved_run, train
 from moejax import mesh as mesh_lib
-from moejax import model as model_lib
-from moejax.data import tokenizer as tokenizer_lib
 from moejax.errors import ConfigError
+from moejax.hf import config as hf_config
+from moejax.hf import tokenizer as hf_tokenizer
+from moejax.hf import weights as hf_weights
+from moejax.model import transformer as model_lib
+from moejax.readers import saved_run
+from moejax.run import checkpoint as checkpoint_lib
+from moejax.run import state as state_lib
 
 IGNORED_TENSORS = ('rotary_emb.inv_freq',)  # buffers older checkpoints saved; recomputed here
 UPCYCLE_ROUTER_STD = 1e-4  # x 1/sqrt(d_model): softmax gates equal to 1e-4, experts still apart
@@ -40,7 +43,7 @@ def check_new_workdir(workdir: str) -> None:
 def save_step0(cfg, workdir: str, build_params) -> int:
     """Write config.json and a step-0 checkpoint: params from build_params(abstract params,
     with shardings), zero extra state, a fresh optimizer state. Returns the parameter count."""
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
     abstract = setup.abstract_state
     params = build_params(abstract.params)
     with jax.set_mesh(setup.mesh):
@@ -48,7 +51,7 @@ def save_step0(cfg, workdir: str, build_params) -> int:
                              abstract.extra)
         opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, extra, opt_state, rng)
+    state = state_lib.TrainState(jnp.zeros((), jnp.int32), params, extra, opt_state, rng)
     config_lib.save_json(cfg, workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints,
                                                async_save=False)
@@ -97,7 +100,7 @@ def import_hf(hf_dir: str, workdir: str, base_cfg) -> dict:
             a.shape, a.sharding, lambda index: hf_weights.read_slice(tensors, leaf, a.shape, index))
     count = save_step0(cfg, workdir, lambda abstract: _fill(abstract, streamed))
     if tokenizer_kind:
-        tokenizer_lib.import_hf_tokenizer(hf_dir, workdir)
+        hf_tokenizer.import_tokenizer(hf_dir, workdir)
     return {'workdir': workdir, 'family': family, 'params': count, 'step': 0,
             'tokenizer': tokenizer_kind}
 
@@ -141,7 +144,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None,
     tmp = tempfile.mkdtemp(prefix='.moejax-export-', dir=parent)
     try:
         files = hf_weights.write_streamed(tmp, items, max_shard_bytes)
-        tokenizer_lib.export_hf_tokenizer(workdir, tmp)
+        hf_tokenizer.export_tokenizer(workdir, tmp)
         tok = run.tokenizer
         ids = {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'pad_token_id': tok.pad_id}
         hf_config.write_json(tmp, hf_config.from_moejax(run.cfg, ids))

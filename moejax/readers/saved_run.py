@@ -12,17 +12,19 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from moejax import checkpoint as checkpoint_lib
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import mesh as mesh_lib
-from moejax import model as model_lib
-from moejax import sampling, train
-from moejax import workdir as workdir_lib
 from moejax.data import tokenizer as tokenizer_lib
 from moejax.errors import ConfigError
+from moejax.model import transformer as model_lib
+from moejax.readers import sampling
+from moejax.run import checkpoint as checkpoint_lib
+from moejax.run import state as state_lib
+from moejax.run import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -36,7 +38,7 @@ class SavedRun:
     cfg: object
     model: model_lib.Transformer
     step: int
-    setup: train.Setup
+    setup: state_lib.Setup
     params: nnx.State
     extra: nnx.State
 
@@ -86,7 +88,7 @@ def open_run(workdir: str, step: int | None = None, *, cfg=None,
     never saved, or no restorable checkpoint."""
     check_workdir(workdir, needs_config=cfg is None)
     cfg = run_config(workdir, cfg, dtype)
-    setup = train.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
+    setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
     abstract = {'params': setup.abstract_state.params, 'extra': setup.abstract_state.extra}
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints,
                                                read_only=True)
@@ -157,7 +159,7 @@ def write_npy(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def padded_rows(setup: train.Setup, B: int, T: int) -> int:
+def padded_rows(setup: state_lib.Setup, B: int, T: int) -> int:
     """The fewest rows >= B that the batch sharding and routing groups split evenly.
 
     Rows added are padding (segment id 0: attended by nothing, routed nowhere) in routing

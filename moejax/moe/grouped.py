@@ -1,13 +1,13 @@
 """Sorted row layouts, row gathers, and the CPU grouped FFN: dispatch without one-hot tensors.
 
 The dropless engine sorts (token, choice) pairs by expert into a layout where each expert's
-rows are one contiguous group, runs each expert's FFN on its group (moejax.experts picks the
+rows are one contiguous group, runs each expert's FFN on its group (moejax.moe.experts picks the
 grouped matmul), and gathers the results back. On CPU jax.lax.ragged_dot is slow (~8x the dense
 time here: it does every expert's work on every row), so there each group is padded to a
 multiple of a small block and the FFN runs as loops over experts and their blocks (big blocks,
 then small ones for each group's tail), with the expert's weights sliced once, and a custom
 backward that does the same per block. That is ~1x the dense work at the speed of a dense
-matmul. The activation is passed in (moejax.experts.activate), so the convention lives there.
+matmul. The activation is passed in (moejax.moe.experts.activate), so the convention lives there.
 
 Row permutations (tokens -> layout rows, layout rows -> pairs) are gathers whose gradients are
 again gathers, by the inverse map.

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moejax import config as config_lib
-from moejax import model as model_lib
 from moejax.errors import ConfigError
+from moejax.model import transformer as model_lib
 
 # moejax expert weight -> each family's per-expert tensor (MoE block prefix, weight names)
 EXPERT_NAMES = {

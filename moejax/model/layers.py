@@ -1,4 +1,4 @@
-"""Transformer building blocks: RMSNorm, embeddings, rotary causal attention, dense FFN.
+"""Transformer building blocks: RMSNorm, embeddings, rotary causal attention.
 
 Parameters are float32 and carry logical axis names (see sharding.py); matmuls run in the
 model dtype. Attention is segment-aware: packed documents never attend to each other, and
@@ -10,17 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import attention, experts, sharding
-
-# Parameters carry logical names as metadata only; shardings are applied by jit (see train.py).
-# Set here too (model.py does the same) so building a layer or MoE block alone works.
-nnx.use_eager_sharding(False)
-
-
-def param(rngs: nnx.Rngs, shape, logical, fan_in: int, scale: float = 1.0) -> nnx.Param:
-    """A float32 weight drawn from a truncated normal with std scale/sqrt(fan_in)."""
-    init = nnx.initializers.truncated_normal(stddev=scale / fan_in ** 0.5)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=logical)
+from moejax import sharding
+from moejax.model import attention
+from moejax.sharding import param
 
 
 class RMSNorm(nnx.Module):
@@ -73,7 +65,7 @@ class Attention(nnx.Module):
                  norm_eps: float = 1e-6, rngs: nnx.Rngs):
         self.head_dim = head_dim or d_model // num_heads
         self.rope_base = rope_base
-        self.implementation = implementation  # model.attention (see moejax/attention.py)
+        self.implementation = implementation  # model.attention (see moejax/model/attention.py)
         self.block = block  # model.attention_block: keys/queries per block of 'chunked'
         k = self.head_dim
         self.wq_DHK = param(rngs, (d_model, num_heads, k), ('embed', 'heads', 'head_dim'), d_model)
@@ -138,20 +130,3 @@ class Attention(nnx.Module):
         out_BTHK = jax.nn.dot_product_attention(q, cache.k_BSHK.astype(q.dtype),
                                                 cache.v_BSHK.astype(q.dtype), mask=mask_11TS)
         return self.project_out(out_BTHK), cache
-
-
-class MLP(nnx.Module):
-    """The dense FFN: D -> F -> D, GELU or SwiGLU (moejax.experts' convention:
-    (silu(x @ w_gate) * (x @ w_in)) @ w_out)."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs):
-        self.activation = activation
-        self.w_in_DF = param(rngs, (d_model, d_ff), ('embed', 'mlp'), d_model)
-        self.w_gate_DF = (param(rngs, (d_model, d_ff), ('embed', 'mlp'), d_model)
-                          if activation == 'swiglu' else None)
-        self.w_out_FD = param(rngs, (d_ff, d_model), ('mlp', 'embed'), d_ff)
-
-    def __call__(self, x_BTD):
-        w_gate = None if self.w_gate_DF is None else self.w_gate_DF[...]
-        hidden = lambda h: sharding.constrain(h, ('batch', 'length', 'act_mlp'))
-        return experts.ffn(x_BTD, self.w_in_DF[...], w_gate, self.w_out_FD[...], hidden)

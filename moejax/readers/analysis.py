@@ -12,11 +12,11 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from moejax import metrics as metrics_lib
-from moejax import model as model_lib
-from moejax import saved_run
-from moejax import workdir as workdir_lib
 from moejax.errors import ConfigError
+from moejax.model import transformer as model_lib
+from moejax.readers import saved_run
+from moejax.run import metrics as metrics_lib
+from moejax.run import workdir as workdir_lib
 
 MAX_PLOTTED_TOKENS = 96  # a token map wider than this is unreadable; longer texts are cut
 

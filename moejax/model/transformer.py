@@ -4,10 +4,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax import dispatch, layers, moe, routing, sharding
-
-# Parameters carry logical names as metadata only; shardings are applied by jit (see train.py).
-nnx.use_eager_sharding(False)
+from moejax import sharding
+from moejax.model import layers
+from moejax.moe import dispatch, experts, routing
+from moejax.moe.block import MoEBlock
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -33,13 +33,13 @@ class Block(nnx.Module):
                                      qkv_bias=m.get('qkv_bias', False),
                                      qk_norm=m.get('qk_norm', False), norm_eps=eps, rngs=rngs)
         self.ffn_norm = layers.RMSNorm(m.d_model, eps)
-        self.ffn = (moe.MoEBlock(cfg, rngs=rngs) if use_moe
-                    else layers.MLP(m.d_model, m.d_ff, m.activation, rngs=rngs))
+        self.ffn = (MoEBlock(cfg, rngs=rngs) if use_moe
+                    else experts.MLP(m.d_model, m.d_ff, m.activation, rngs=rngs))
 
     def __call__(self, x_BTD, segment_ids_BT, positions_BT, *, train, rng):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
         h_BTD = self.ffn_norm(x_BTD)
-        if isinstance(self.ffn, moe.MoEBlock):
+        if isinstance(self.ffn, MoEBlock):
             y_BTD, stats = self.ffn(h_BTD, segment_ids_BT, train=train, rng=rng)
         else:
             y_BTD, stats = self.ffn(h_BTD), None
@@ -51,14 +51,14 @@ class Block(nnx.Module):
         a_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), cache, start)
         x_BTD = x_BTD + a_BTD
         h_BTD = self.ffn_norm(x_BTD)
-        if isinstance(self.ffn, moe.MoEBlock):
+        if isinstance(self.ffn, MoEBlock):
             y_BTD = moe_by_row(self.ffn, h_BTD)
         else:
             y_BTD = self.ffn(h_BTD)
         return x_BTD + y_BTD, cache
 
 
-def moe_by_row(block: moe.MoEBlock, x_BTD):
+def moe_by_row(block: MoEBlock, x_BTD):
     """The MoE block for cached decoding: each row's T new tokens form one routing group.
 
     Deterministic (no noise, eval capacity factor). Decoding one token at a time makes every
@@ -150,7 +150,7 @@ def stacked_periods(blocks: list[Block], length: int) -> Period:
 class StackedMoELayer:
     """One layer's view of a scanned model's stacked MoE block, for loss-free balancing."""
 
-    def __init__(self, stacked: moe.MoEBlock, index: int):
+    def __init__(self, stacked: MoEBlock, index: int):
         self.stacked, self.index = stacked, index
 
     def update_bias(self, expert_load_E) -> None:
@@ -177,7 +177,7 @@ class Transformer(nnx.Module):
         else:
             self.blocks = nnx.List(blocks)
         self.final_norm = layers.RMSNorm(m.d_model, m.get('norm_eps', 1e-6))
-        self.head_DV = layers.param(rngs, (m.d_model, cfg.data.vocab_size), ('embed', 'vocab'),
+        self.head_DV = sharding.param(rngs, (m.d_model, cfg.data.vocab_size), ('embed', 'vocab'),
                                     m.d_model)
 
     def __call__(self, inputs_BT, segment_ids_BT, positions_BT, *, train: bool = False,
@@ -251,9 +251,9 @@ class Transformer(nnx.Module):
     def moe_blocks(self) -> list:
         """Each MoE layer's block, in layer order (scanned: views of the stacked block)."""
         if not self.scan:
-            return [b.ffn for b in self.blocks if isinstance(b.ffn, moe.MoEBlock)]
+            return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEBlock)]
         ffn = self.stack.blocks[-1].ffn
-        if not isinstance(ffn, moe.MoEBlock):
+        if not isinstance(ffn, MoEBlock):
             return []
         return [StackedMoELayer(ffn, p) for p in range(self.num_periods())]
 
