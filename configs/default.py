@@ -58,7 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.eval_capacity_factor = 2.0     # evaluation capacity factor (<= 0: no drops)
     e.group_size = 0                 # tokens routed together; 0 = one sequence per group
     e.dispatch = 'dropless'          # 'einsum' (reference) | 'sort' (capacity) | 'dropless'
-    e.comm = 'gspmd'                 # expert-parallel path: 'gspmd' | 'all_to_all'
+    e.comm = 'auto'                  # expert-parallel exchange: 'auto' (dropless: ragged rows;
+                                     # capacity: GSPMD) | 'gspmd' | 'all_to_all' (explicit)
+    e.ep_buffer_factor = 1.25        # ragged exchange: receive buffer = factor x the rows a
+                                     # balanced router sends; rows past it drop; <= 0: worst case
     e.grouped_matmul = 'auto'        # dropless grouped matmul: 'auto' (CPU: 'blocks'; GPU/TPU:
                                      # 'tokamax' if installed, else 'ragged_dot') | 'blocks' (CPU
                                      # block loops) | 'ragged_dot' (jax.lax) | 'tokamax' (kernels)

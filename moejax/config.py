@@ -19,7 +19,7 @@ CHOICES = {
     'model.attention': ('auto', 'xla', 'chunked', 'flash'),
     'moe.router': ('top_k', 'noisy_top_k', 'expert_choice', 'soft'),
     'moe.dispatch': ('einsum', 'sort', 'dropless'),
-    'moe.comm': ('gspmd', 'all_to_all'),
+    'moe.comm': ('auto', 'gspmd', 'all_to_all'),
     'moe.grouped_matmul': ('auto', 'blocks', 'ragged_dot', 'tokamax'),
     'moe.balance': ('aux_loss', 'bias', 'none'),
     'moe.score_fn': ('softmax', 'sigmoid'),
@@ -49,7 +49,7 @@ POSITIVE_FLOATS = ('opt.lr', 'model.rope_base', 'moe.routed_scaling_factor', 'mo
 BOOLS = ('model.qk_norm', 'model.qkv_bias', 'moe.shared_gate', 'moe.batch_prioritized')
 # Slots per expert = ceil(S*k*factor/E); a factor <= 0 means no drops (S slots: see
 # routing.capacity), so any finite number is allowed.
-CAPACITY_FACTORS = ('moe.capacity_factor', 'moe.eval_capacity_factor')
+CAPACITY_FACTORS = ('moe.capacity_factor', 'moe.eval_capacity_factor', 'moe.ep_buffer_factor')
 UNIT_INTERVAL = ('opt.b1', 'opt.b2')  # Adam decay rates: [0, 1)
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -240,6 +240,10 @@ def _check_mesh(cfg, num_devices):
     e, m = cfg.moe, cfg.model
     _require(e.num_experts % shape['expert'] == 0, 'moe.num_experts', e.num_experts,
              f'must divide by mesh.expert={shape["expert"]}')
+    _require(not (shape['expert'] > 1 and m.moe_every and e.dispatch == 'dropless'
+                  and e.comm == 'gspmd'), 'moe.comm', e.comm,
+             "dropless routing on mesh.expert > 1 needs the ragged exchange (GSPMD would gather "
+             "every expert's weights to each device): use 'auto' or 'all_to_all'")
     _require(m.num_heads % shape['tensor'] == 0, 'model.num_heads', m.num_heads,
              f'must divide by mesh.tensor={shape["tensor"]}')
     _require(m.d_ff % shape['tensor'] == 0, 'model.d_ff', m.d_ff,
@@ -353,7 +357,10 @@ ADDED_KEYS = {'model.remat': 'none', 'model.scan_layers': False, 'model.attentio
               # Hugging Face families (issue 16): the model as it was
               'model.norm_eps': 1e-6, 'model.head_dim': 0, 'model.qk_norm': False,
               'model.qkv_bias': False, 'model.dense_layers': [], 'moe.expert_d_ff': 0,
-              'moe.shared_d_ff': 0, 'moe.shared_gate': False}
+              'moe.shared_d_ff': 0, 'moe.shared_gate': False,
+              # the ragged expert exchange (issue 22): dropless under expert parallelism never
+              # dropped a row before it (its buffers were the worst case)
+              'moe.ep_buffer_factor': 0.0}
 
 
 def _run_file(path: str) -> tuple[str, str]:
@@ -383,6 +390,8 @@ def from_json(path: str) -> ml_collections.ConfigDict:
                           f'{", ".join(missing)} group); restore it, or write it again from the '
                           "run's config file") from None
     cfg = ml_collections.ConfigDict(saved)
+    if 'ep_buffer_factor' not in cfg.moe and cfg.moe.comm == 'gspmd':
+        cfg.moe.comm = 'auto'  # before 'auto' existed, 'gspmd' meant what 'auto' means now
     for key, value in ADDED_KEYS.items():
         group, name = key.split('.')
         if name not in cfg[group]:

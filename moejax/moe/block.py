@@ -45,16 +45,22 @@ class MoEBlock(nnx.Module):
         route = self.router(x_GSD, mask_GS, train=train, rng=rng)
         cf = e.capacity_factor if train else e.eval_capacity_factor
         capacity = routing.expert_capacity(e, S, cf)
-        # comm='gspmd': sharding constraints, XLA inserts the collectives; 'all_to_all': by hand.
-        engine = (expert_parallel.dispatch_combine if expert_parallel.applies(e, route)
-                  else dispatch.dispatch_combine)
-        y_GSD, dropped = engine(x_GSD, mask_GS, route, self.expert_weights(x_BTD.dtype),
-                                engine=e.dispatch, capacity=capacity,
-                                grouped_matmul=e.grouped_matmul)
+        w = self.expert_weights(x_BTD.dtype)
+        path = expert_parallel.path(e, route)
+        if path == 'ragged':
+            y_GSD, keep_GSK = expert_parallel.ragged_dispatch_combine(
+                x_GSD, mask_GS, route, w, buffer_factor=e.ep_buffer_factor,
+                grouped_matmul=e.grouped_matmul)
+            dropped, left = dispatch.drop_stats(keep_GSK, mask_GS)
+        else:
+            engine = (expert_parallel.dispatch_combine if path == 'buffers'
+                      else dispatch.dispatch_combine)
+            y_GSD, dropped = engine(x_GSD, mask_GS, route, w, engine=e.dispatch,
+                                    capacity=capacity, grouped_matmul=e.grouped_matmul)
+            left = dispatch.tokens_left_behind(mask_GS, route, engine=e.dispatch,
+                                               capacity=capacity, num_experts=e.num_experts)
         y_BTD = sharding.constrain(y_GSD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
         y_BTD = y_BTD + self.shared_out(x_BTD)
-        left = dispatch.tokens_left_behind(mask_GS, route, engine=e.dispatch, capacity=capacity,
-                                           num_experts=e.num_experts)
         stats = dict(route.losses, **route.stats, dropped_fraction=dropped, tokens_left_behind=left)
         return y_BTD, stats
 

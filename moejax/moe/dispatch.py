@@ -81,6 +81,14 @@ def _dropped_fraction(keep_GSK, mask_GS):
     return 1.0 - jnp.sum(keep_GSK.astype(jnp.float32)) / jnp.maximum(routed, 1.0)
 
 
+def drop_stats(keep_GSK, mask_GS) -> tuple[jax.Array, jax.Array]:
+    """(dropped_fraction, tokens_left_behind) of the pairs that found no place (keep_GSK)."""
+    real_GS = mask_GS.astype(bool)
+    reached = jnp.sum((jnp.any(keep_GSK, axis=-1) & real_GS).astype(jnp.float32))
+    real = jnp.sum(real_GS.astype(jnp.float32))
+    return _dropped_fraction(keep_GSK, mask_GS), (real - reached) / jnp.maximum(real, 1.0)
+
+
 def tokens_left_behind(mask_GS, routing: Routing, *, engine: str, capacity: int,
                        num_experts: int) -> jax.Array:
     """Fraction of real tokens that reached no expert at all (flaxformer's

@@ -35,6 +35,7 @@ STEERING = frozenset({
     'train.keep_checkpoints', 'train.max_skipped_steps',
     'data.eval_batches', 'data.data_dir',
     'model.remat', 'model.attention', 'model.attention_block', 'moe.comm', 'moe.grouped_matmul',
+    'moe.ep_buffer_factor',
     'opt.lr', 'opt.schedule', 'opt.warmup_steps', 'opt.clip_norm', 'opt.weight_decay',
     'opt.b1', 'opt.b2', 'opt.grad_accum'})
 STEERING_GROUPS = ('mesh.',)
