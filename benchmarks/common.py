@@ -57,7 +57,7 @@ def matmul_peak(dtype, n: int = 0):
 
 def spec_peak() -> float | None:
     """The chip's dense bf16 FLOP/s from its spec sheet (H100/H200 989T, A100 312T, TPU v5p
-    459T, v5e 197T: moejax.run.metrics.PEAK_FLOPS); None where unknown (CPU)."""
+    459T, v5e 197T: moejax.target.CHIPS); None where unknown (CPU)."""
     import jax
 
     from moejax.run import metrics

@@ -143,8 +143,27 @@ def _start(argv):
         import jax
         jax.config.update('jax_platforms', 'cpu')
         jax.config.update('jax_num_cpu_devices', FLAGS.simulated_devices)
+    if getattr(FLAGS, 'target', None):
+        _prepare_target(FLAGS.target)
     from moejax import mesh
     mesh.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+
+
+def _prepare_target(name: str) -> None:
+    """Before the backend starts, for a plan of another machine's accelerator: this host's
+    backend stays the CPU (the CUDA plugin builds compile-only GPUs only then), a GPU target
+    gets MaxText's XLA flags, and libtpu is told it runs on no TPU (or it complains at length)."""
+    import jax
+
+    from moejax import target, xla_flags
+    if name not in target.CHIPS:
+        _usage_error(f'--target={name}: known targets: {", ".join(sorted(target.CHIPS))}')
+    jax.config.update('jax_platforms', 'cpu')
+    if target.CHIPS[name].platform == 'gpu':
+        xla_flags.set_gpu_flags(force=True)
+    else:
+        os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+        os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
 
 
 def _check_process_flags(num_processes, process_id) -> None:
@@ -194,6 +213,9 @@ def train_main(argv=None):
                          '(e.g. 64 with --dry_run to plan a pod-sized layout on a laptop).')
     flags.DEFINE_boolean('dry_run', False, 'Compile the train step ahead of time for the config '
                          'and mesh, print memory and FLOPs as JSON, and exit (nothing allocated).')
+    flags.DEFINE_string('target', None, 'With --dry_run: the accelerator to plan for (tpu-v5p, '
+                        'tpu-v6e, gpu-h100, gpu-h200, gpu-b200, ...), from any machine.')
+    flags.DEFINE_integer('devices', None, 'With --target: how many of its devices.')
     flags.DEFINE_boolean('restart', False, 'Start over from step 0 in a workdir that holds a run: '
                          'its checkpoints, metrics and config move to WORKDIR/previous_runs/ '
                          '(nothing is deleted).')
@@ -213,7 +235,8 @@ def train_main(argv=None):
         from moejax.run import guards, loop
         if FLAGS.dry_run:
             from moejax.plan import dry_run
-            print(json.dumps(dry_run.plan(FLAGS.config)), flush=True)
+            print(json.dumps(dry_run.plan(FLAGS.config, FLAGS.target, FLAGS.devices)),
+                  flush=True)
             return
         from moejax.run.checkpoint import SaveError
         try:
@@ -408,6 +431,11 @@ def convert_main(argv=None):
     _run(convert)
 
 
+def _default_memory(target_name: str | None) -> str:
+    from moejax import target
+    return f'{target.CHIPS[target_name].hbm_bytes:.0f}' if target_name else '80GB'
+
+
 def plan_main(argv=None):
     """launch/plan.py and moejax-plan: rank layouts for --devices of --device_memory."""
     from absl import flags
@@ -418,10 +446,13 @@ def plan_main(argv=None):
     config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/mixtral_8x7b.py; '
                                     'override keys with --config.group.key=value.',
                                     lock_config=True, sys_argv=argv)
-    flags.DEFINE_integer('devices', None, 'Devices to plan for (CPU-simulated here).')
-    flags.DEFINE_string('device_memory', '80GB', 'Memory per device: 80GB (1e9), 80GiB (2**30).')
-    flags.DEFINE_enum('chip', 'h100', sorted(search.CHIPS),
-                      'Peak numbers for the step-time estimate.')
+    flags.DEFINE_integer('devices', None, 'Devices to plan for.')
+    flags.DEFINE_string('target', None, 'The accelerator to plan for (tpu-v5p, tpu-v6e, gpu-h100, '
+                        'gpu-h200, gpu-b200, ...): compiled for it where libtpu or the CUDA '
+                        'plugin is installed, else lowered; default: CPU-simulated devices, '
+                        'estimates for gpu-h100.')
+    flags.DEFINE_string('device_memory', None, "Memory per device: 80GB (1e9), 80GiB (2**30); "
+                        "default: the target's HBM (80GB without one).")
     flags.DEFINE_list('remat', list(search.REMATS_BY_MEMORY), 'model.remat policies to try.')
     flags.DEFINE_list('grad_accum', None, 'opt.grad_accum values to try (default: all valid).')
     flags.DEFINE_string('meshes', None, 'Only these layouts: data=1,fsdp=8,expert=8,tensor=1;...')
@@ -436,10 +467,13 @@ def plan_main(argv=None):
         _usage_error('--devices is required: the number of devices to plan for, e.g. 64')
     import jax  # the backend must not have started: simulate the devices on the CPU
     jax.config.update('jax_platforms', 'cpu')
-    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+    if FLAGS.target:
+        _prepare_target(FLAGS.target)
+    else:
+        jax.config.update('jax_num_cpu_devices', FLAGS.devices)
 
     def run():
-        memory = search.parse_bytes(FLAGS.device_memory)
+        memory = search.parse_bytes(FLAGS.device_memory or _default_memory(FLAGS.target))
         bad = [r for r in FLAGS.remat if r not in search.REMATS_BY_MEMORY]
         if bad:
             raise ConfigError('--remat', ','.join(bad),
@@ -451,8 +485,8 @@ def plan_main(argv=None):
                                  flush=True)
         rows = search.plan_layouts(FLAGS.config, FLAGS.devices, memory, remats=FLAGS.remat,
                                    layouts=search.parse_layouts(FLAGS.meshes), accums=accums,
-                                   chip=FLAGS.chip, progress=say)
-        print(search.table(rows, memory, FLAGS.chip), flush=True)
-        print(json.dumps({'devices': FLAGS.devices, 'device_memory_bytes': memory,
-                          'candidates': rows}), flush=True)
+                                   target_name=FLAGS.target, progress=say)
+        print(search.table(rows, memory, FLAGS.target or 'gpu-h100'), flush=True)
+        print(json.dumps({'target': FLAGS.target, 'devices': FLAGS.devices,
+                          'device_memory_bytes': memory, 'candidates': rows}), flush=True)
     _run(run)

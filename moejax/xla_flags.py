@@ -54,10 +54,10 @@ def targets_gpu() -> bool:
     return any(importlib.util.find_spec(p) is not None for p in CUDA_PLUGINS)
 
 
-def set_gpu_flags() -> bool:
-    """Add GPU_FLAGS to XLA_FLAGS when the run targets a GPU; call before the first JAX
-    computation. Returns whether they were added."""
-    if not targets_gpu():
+def set_gpu_flags(force: bool = False) -> bool:
+    """Add GPU_FLAGS to XLA_FLAGS when the run targets a GPU (force: a plan for one, compiled
+    on this host); call before the first JAX computation. Returns whether they were added."""
+    if not (force or targets_gpu()):
         return False
     os.environ['XLA_FLAGS'] = merged(os.environ.get('XLA_FLAGS', ''), GPU_FLAGS)
     return True

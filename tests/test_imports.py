@@ -12,8 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / 'moejax'
 
 # Lowest first. A module may import modules of its own layer or below (DESIGN.md section 1).
 LAYERS = (
-    ('moejax', 'moejax.errors', 'moejax.config', 'moejax.sharding', 'moejax.xla_flags',
-     'moejax.optim', 'moejax.mesh'),
+    ('moejax', 'moejax.errors', 'moejax.config', 'moejax.sharding', 'moejax.target',
+     'moejax.xla_flags', 'moejax.optim', 'moejax.mesh'),
     ('moejax.moe',),
     ('moejax.model',),
     ('moejax.data',),
@@ -21,7 +21,7 @@ LAYERS = (
     ('moejax.readers',),
     ('moejax.plan',),
     ('moejax.hf',),
-    ('moejax.cli',),
+    ('moejax.cli', 'moejax.usage'),
 )
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from moejax.errors import ConfigError
-from moejax.plan import dry_run
+from moejax.plan import dry_run, estimate
 from moejax.plan import search as plan
 from tests.helpers import run_cli, tiny_config
 
@@ -56,7 +56,7 @@ def test_hlo_costs_count_loop_bodies_by_their_trips():
         return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x_MK, w_LKK)[0].sum()
     compiled = jax.jit(jax.grad(f, argnums=1)).lower(
         jnp.ones((128, 256)), jnp.ones((8, 256, 256))).compile()
-    costs = plan.hlo_costs(compiled.as_text())
+    costs = estimate.hlo_costs(compiled.as_text())
     assert costs['dot_flops'] == 24 * 2 * 128 * 256 * 256
     assert costs['dot_flops_once'] == 3 * 2 * 128 * 256 * 256
     assert costs['collective_bytes'] == 0

@@ -1,5 +1,7 @@
 """GPU XLA flags merge into the user's XLA_FLAGS without overriding any flag they set."""
 import os
+import subprocess
+import sys
 
 from moejax import xla_flags
 
@@ -31,3 +33,17 @@ def test_gpu_flags_only_when_the_run_targets_a_gpu(monkeypatch):
     assert tokens[0] == '--xla_gpu_enable_triton_gemm=true'
     assert '--xla_gpu_enable_triton_gemm=false' not in tokens
     assert '--xla_gpu_enable_latency_hiding_scheduler=true' in tokens
+
+
+def start_backend(flags: str) -> subprocess.CompletedProcess:
+    """A fresh process that starts the CPU backend with these XLA_FLAGS (the installed jaxlib
+    parses every flag, GPU ones included, and aborts on one it does not know)."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
+    return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_installed_jaxlib_accepts_every_gpu_flag():
+    assert start_backend(xla_flags.merged('', xla_flags.GPU_FLAGS)).returncode == 0
+    made_up = start_backend('--xla_gpu_enable_made_up_speedup=true')
+    assert made_up.returncode != 0 and 'xla_gpu_enable_made_up_speedup' in made_up.stderr

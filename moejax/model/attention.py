@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import sharding
+from moejax import sharding, target
 from moejax.errors import ConfigError
 
 IMPLEMENTATIONS = ('auto', 'xla', 'chunked', 'flash')
@@ -60,14 +60,24 @@ def attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, implementation: str = 'aut
 
 
 def resolve(implementation: str, q_BTHK, block: int = DEFAULT_BLOCK) -> str:
-    """The implementation `auto` stands for on this backend and these shapes."""
+    """The implementation `auto` stands for on the target platform (moejax.target) and these
+    shapes; where the kernel cannot take them, one line says so (once per shape)."""
     if implementation != 'auto':
         return implementation
-    backend = jax.default_backend()
+    backend = target.platform()
     if backend in ('gpu', 'tpu'):
-        return 'flash' if flash_supported(q_BTHK, backend) else 'xla'
+        if flash_supported(q_BTHK, backend):
+            return 'flash'
+        _say_fallback(backend, f'{q_BTHK.dtype.name}{list(q_BTHK.shape)}')
+        return 'xla'
     T = q_BTHK.shape[1]
     return 'chunked' if T >= max(CPU_CHUNKED_FROM, 2 * block) else 'xla'
+
+
+@functools.cache
+def _say_fallback(backend: str, shape_dtype) -> None:
+    print(f'moejax: attention on {backend}: no fused kernel for queries {shape_dtype}; '
+          "using 'xla'", flush=True)
 
 
 def flash_supported(q_BTHK, backend: str) -> bool:
@@ -204,7 +214,7 @@ def flash_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, kernel: str | Non
 
     `interpret=True` runs the Pallas kernel in interpret mode (any backend; used by tests).
     """
-    kernel = kernel or jax.default_backend()
+    kernel = kernel or target.platform()
     fns = {'gpu': _pallas_gpu, 'tpu': _splash_tpu}
     if kernel not in fns:
         raise ConfigError('model.attention', 'flash',
@@ -292,7 +302,8 @@ def _splash_tpu(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, interpret: bool):
     kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
                                     interpret=interpret)
     heads_first = lambda x: jnp.swapaxes(_pad_to(x, block), 1, 2)
-    q = heads_first(q_BTHK * jnp.asarray(1.0 / math.sqrt(K), q_BTHK.dtype))
+    # Splash takes no scale: scaled in float32, then rounded once to the queries' dtype.
+    q = heads_first((q_BTHK.astype(jnp.float32) / math.sqrt(K)).astype(q_BTHK.dtype))
     seg = _pad_to(segment_ids_BT, block)
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
     out_BHTK = jax.vmap(one)(q, heads_first(k_BTGK), heads_first(v_BTGK), seg)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
+from moejax import sharding, target
 from moejax.errors import ConfigError
 from moejax.moe import grouped
 
@@ -88,7 +88,7 @@ def resolve(backend: str) -> str:
     if backend not in BACKENDS:
         raise ConfigError(KEY, backend, 'allowed: ' + ', '.join(BACKENDS))
     if backend == 'auto':
-        if jax.default_backend() == 'cpu':
+        if target.platform() == 'cpu':
             return 'blocks'
         # tokamax's kernels are not partitioned by GSPMD (they run per device, inside
         # shard_map); jax.lax.ragged_dot is, so it serves a partitioned trace.
@@ -106,12 +106,39 @@ def layout_blocks(backend: str) -> tuple[int, ...] | None:
     return grouped.CPU_BLOCKS if resolve(backend) == 'blocks' else None
 
 
+# tokamax's kernel for each target platform. It picks one itself from the real device at trace
+# time, which is the CPU when planning for an accelerator: moejax names it from the target.
+TOKAMAX_KERNELS = {'tpu': 'mosaic_tpu', 'gpu': 'mosaic_gpu'}
+
+
 def _ragged_dot(backend: str):
-    if backend == 'tokamax':
-        # implementation=None: tokamax tries its Mosaic kernel (GPU or TPU) and falls back to
-        # XLA's ragged_dot where the kernel does not apply (CPU, shapes or dtypes it lacks).
-        return _tokamax().ragged_dot
-    return jax.lax.ragged_dot
+    return _tokamax_ragged_dot if backend == 'tokamax' else jax.lax.ragged_dot
+
+
+def _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G):
+    """tokamax's kernel for the target platform; XLA's ragged_dot (one line says so) where the
+    kernel cannot take these shapes or there is none (CPU)."""
+    kernel = TOKAMAX_KERNELS.get(target.platform(), 'xla')
+    shapes = f'{lhs_MK.dtype.name}{list(lhs_MK.shape)} x {list(rhs_GKN.shape)}'
+    # Its TPU kernel would fall back to XLA by itself, without a word, for dims under 128.
+    if kernel == 'mosaic_tpu' and min(lhs_MK.shape[-2:] + rhs_GKN.shape[-2:]) < 128:
+        _say_fallback(kernel, shapes, 'its TPU kernel takes dims >= 128')
+        kernel = 'xla'
+    # Inside shard_map the kernel's output type must say which mesh axes it varies over.
+    varying = jax.sharding.ManualAxisType(varying=jax.typeof(lhs_MK).mat.varying
+                                          | jax.typeof(rhs_GKN).mat.varying)
+    try:
+        return _tokamax().ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, manual_axis_type=varying,
+                                     implementation=kernel)
+    except NotImplementedError as err:
+        _say_fallback(kernel, shapes, str(err).splitlines()[0][:160])
+        return _tokamax().ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, implementation='xla')
+
+
+@functools.cache
+def _say_fallback(kernel: str, shapes: str, reason: str) -> None:
+    print(f"moejax: tokamax's {kernel} kernel cannot take {shapes} ({reason}); using XLA's "
+          'ragged_dot', flush=True)
 
 
 def grouped_ffn(w: ExpertWeights, x_MD, group_sizes_E, backend: str = 'auto'):

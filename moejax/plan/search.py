@@ -1,29 +1,23 @@
 """Layout planner: which mesh, remat policy and micro-batch fit a device, and which is fastest.
 
 For each candidate (mesh layout over data/fsdp/expert/tensor, model.remat, opt.grad_accum) the
-train step is compiled ahead of time on N CPU-simulated devices with the dry run's own code
-(moejax.plan.dry_run), so the bytes per device here are the dry run's. The step time is an
-ESTIMATE from the compiled program: matmul FLOPs, bytes accessed and collective bytes counted
-from its HLO (loop bodies times their trip counts) against a chip's peak numbers, assuming no
-overlap of communication with compute. It ranks layouts; it does not predict MFU.
+train step is built with the dry run's own code (moejax.plan.dry_run): compiled for the target's
+devices (a TPU slice through libtpu, GPUs through the CUDA plugin) or, without a target, for N
+CPU-simulated devices, so the bytes per device here are the dry run's. The step time is an
+ESTIMATE (moejax.plan.estimate) against the target chip's peak numbers. A target this host
+cannot compile for is lowered only: kernels are named, but nothing is measured.
 
-    python launch/plan.py --config=configs/mixtral_8x7b.py --devices=64 --device_memory=80GB
+    python launch/plan.py --config=configs/mixtral_8x7b.py --target=tpu-v5p --devices=64
 """
 import math
 import re
 import time
 
 from moejax import config as config_lib
+from moejax import target
 from moejax.errors import ConfigError
+from moejax.plan import estimate, targets
 
-# Peak numbers per chip: dense bf16 FLOP/s, HBM bytes/s, interconnect bytes/s per chip.
-CHIPS = {
-    'h100': {'flops': 989e12, 'hbm': 3.35e12, 'link': 450e9},    # SXM, NVLink 4
-    'h200': {'flops': 989e12, 'hbm': 4.8e12, 'link': 450e9},
-    'a100': {'flops': 312e12, 'hbm': 2.04e12, 'link': 300e9},    # SXM 80 GB, NVLink 3
-    'tpu_v5p': {'flops': 459e12, 'hbm': 2.76e12, 'link': 600e9},
-    'tpu_v5e': {'flops': 197e12, 'hbm': 0.82e12, 'link': 200e9},
-}
 # Least memory first: the search finds a micro-batch for the first, then tries the others.
 REMATS_BY_MEMORY = ('block', 'minimal', 'none')
 UNITS = {'': 1, 'B': 1, 'KB': 1e3, 'MB': 1e6, 'GB': 1e9, 'TB': 1e12, 'KIB': 2**10,
@@ -36,119 +30,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).upper() not in UNITS:
         raise ConfigError('--device_memory', text, 'must be a size like 80GB, 80GiB or 8e10')
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
-
-
-# --- What the compiled program does: HLO walked with loop trip counts --------------------------
-
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
-               'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
-               'c64': 8, 'c128': 16}
-COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute',
-               'ragged-all-to-all')
-ARRAY = re.compile(r'([a-z0-9]+)\[([0-9,]*)\]')
-
-
-def _arrays(shape: str):
-    """(dtype, dims) of each array in an HLO shape string (a tuple has several)."""
-    return [(t, [int(d) for d in dims.split(',') if d]) for t, dims in ARRAY.findall(shape)]
-
-
-def _nbytes(shape: str) -> int:
-    return sum(DTYPE_BYTES.get(t, 4) * math.prod(dims) for t, dims in _arrays(shape))
-
-
-def _parse_hlo(text: str):
-    """{computation: [(name, shape, opcode, operands, attributes)]}, {instruction: shape}."""
-    computations, shapes, current = {}, {}, None
-    for line in text.splitlines():
-        if line and not line.startswith(' ') and line.rstrip().endswith('{'):
-            header = line.split()
-            name = header[1] if header[0] == 'ENTRY' else header[0]
-            current = computations.setdefault(name.lstrip('%'), [])
-            continue
-        body = line.strip().removeprefix('ROOT ')
-        if current is None or ' = ' not in body or not body.startswith('%'):
-            continue
-        name, rhs = body.split(' = ', 1)
-        depth, cut = 0, len(rhs)
-        for i, ch in enumerate(rhs):  # the shape ends at the first space outside parentheses
-            depth += (ch in '([{') - (ch in ')]}')
-            if ch == ' ' and depth == 0:
-                cut = i
-                break
-        shape, rest = rhs[:cut], rhs[cut + 1:]
-        opcode, _, args = rest.partition('(')
-        operands = re.findall(r'%([\w.\-]+)', args.split(')', 1)[0])
-        shapes[name[1:]] = shape
-        current.append((name[1:], shape, opcode, operands, args))
-    return computations, shapes
-
-
-def _dot_flops(shape, operands, attrs, shapes) -> float:
-    lhs = _arrays(shapes.get(operands[0], ''))
-    contracting = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', attrs)
-    if not lhs or not contracting:
-        return 0.0
-    dims = lhs[0][1]
-    k = math.prod(dims[int(i)] for i in contracting.group(1).split(',') if i)
-    return 2.0 * k * sum(math.prod(d) for _, d in _arrays(shape))
-
-
-def _callees(attrs: str) -> list[str]:
-    """Computations an instruction runs (fusions, loop bodies, branches); not reducers."""
-    names = re.findall(r'(?:calls|body|condition)=%([\w.\-]+)', attrs)
-    for branches in re.findall(r'branch_computations=\{([^}]*)\}', attrs):
-        names += re.findall(r'%([\w.\-]+)', branches)
-    return names
-
-
-def hlo_costs(text: str) -> dict:
-    """Matmul FLOPs and collective bytes of one device's program, loops counted trip times
-    (`_once`: every loop body counted once, as XLA's cost_analysis does)."""
-    computations, shapes = _parse_hlo(text)
-    memo = {}
-
-    def cost(comp: str, with_trips: bool):
-        key = (comp, with_trips)
-        if key in memo:
-            return memo[key]
-        memo[key] = (0.0, 0.0)  # guards against (impossible) recursion
-        flops = coll = 0.0
-        for _, shape, opcode, operands, attrs in computations.get(comp, []):
-            if opcode in ('dot', 'convolution'):
-                flops += _dot_flops(shape, operands, attrs, shapes)
-            elif opcode.removesuffix('-start') in COLLECTIVES:
-                coll += _nbytes(shape)
-            trips = 1
-            if opcode == 'while' and with_trips:
-                found = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-                trips = int(found.group(1)) if found else 1
-            for callee in _callees(attrs):
-                f, c = cost(callee, with_trips)
-                flops, coll = flops + trips * f, coll + trips * c
-        memo[key] = (flops, coll)
-        return memo[key]
-    entry = next((c for c in computations if c.startswith('main')), None) or list(computations)[-1]
-    flops, coll = cost(entry, True)
-    return {'dot_flops': flops, 'dot_flops_once': cost(entry, False)[0], 'collective_bytes': coll}
-
-
-def estimate(compiled, chip: str) -> dict:
-    """Estimated seconds per step on `chip`: max(compute, memory traffic) + collectives."""
-    peak = CHIPS[chip]
-    costs = hlo_costs(compiled.as_text())
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis or {}
-    # cost_analysis counts each loop body once: scale its bytes like the matmul FLOPs scale.
-    loops = costs['dot_flops'] / costs['dot_flops_once'] if costs['dot_flops_once'] else 1.0
-    accessed = float(analysis.get('bytes accessed', 0.0)) * loops
-    compute, traffic = costs['dot_flops'] / peak['flops'], accessed / peak['hbm']
-    seconds = max(compute, traffic) + costs['collective_bytes'] / peak['link']
-    return {'step_seconds': float(f'{seconds:.4g}'), 'flops_per_device': costs['dot_flops'],
-            'bytes_accessed_per_device': accessed,
-            'collective_bytes_per_device': costs['collective_bytes'], 'chip': chip,
-            'basis': 'estimate: HLO matmul FLOPs, bytes accessed and collective bytes against '
-                     'peak numbers, no overlap'}
 
 
 # --- Candidates -------------------------------------------------------------------------------
@@ -205,18 +86,20 @@ def accum_choices(cfg, layout: dict, devices: int) -> list[int]:
 
 # --- Evaluating one candidate -------------------------------------------------------------------
 
-def evaluate(cfg, layout: dict, remat: str, grad_accum: int, memory_limit: int,
-             chip: str = 'h100') -> dict:
-    """Compile one candidate with the dry run's code; its bytes per device, fit and estimate.
+def evaluate(cfg, layout: dict, remat: str, grad_accum: int, memory_limit: int, at=None,
+             chip: target.Chip | None = None) -> dict:
+    """Build one candidate with the dry run's code where `at` says (a dry_run.Where; default
+    the devices present); its bytes per device, fit and estimate (for `chip`, default an H100).
     Never raises for a layout that is invalid, too big or fails to compile: it says so."""
     from moejax.plan import dry_run  # imports the training stack: only once planning starts
+    at, chip = at or dry_run.where(), chip or target.CHIPS['gpu-h100']
     c = variant(cfg, layout, remat, grad_accum)
     micro = cfg.data.batch_size // grad_accum
     row = {'mesh': dict(layout), 'remat': remat, 'grad_accum': grad_accum, 'micro_batch': micro,
            'rows_per_device': micro // (layout['data'] * layout['fsdp'] * layout['expert']),
            'fits': False, 'bytes_per_device': None, 'estimate': None}
     try:
-        setup = dry_run.make_setup(c)
+        setup = dry_run.make_setup(c, at)
     except ConfigError as err:
         return dict(row, status=f'invalid: {err}')
     state = dry_run.state_bytes(setup)
@@ -225,15 +108,18 @@ def evaluate(cfg, layout: dict, remat: str, grad_accum: int, memory_limit: int,
                                               total_bytes_per_device=None))
         return dict(row, status='params + optimizer state alone exceed the memory')
     try:
-        compiled = dry_run.compile_step(setup)
+        built = dry_run.build_step(setup, at)
     except Exception as err:  # noqa: BLE001 - a layout XLA cannot compile is a result, not a crash
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return dict(row, status=f'compile failed: {type(err).__name__}: {first[:200]}')
-    figures = dry_run.memory(setup, compiled)
-    fits = figures['total_bytes_per_device'] is not None and (
-        figures['total_bytes_per_device'] <= memory_limit)
+    figures = dry_run.memory(setup, built.compiled)
+    if built.compiled is None:
+        return dict(row, bytes_per_device=_bytes(figures), status='lowered only: no memory '
+                    'figures (' + ', '.join(targets.kernels_in(built.text)) + ')')
+    fits = figures['total_bytes_per_device'] <= memory_limit
     return dict(row, fits=fits, bytes_per_device=_bytes(figures),
-                status='fits' if fits else 'exceeds the memory', estimate=estimate(compiled, chip))
+                status='fits' if fits else 'exceeds the memory',
+                estimate=estimate.estimate(built.compiled, chip))
 
 
 def _bytes(figures: dict) -> dict:
@@ -244,7 +130,7 @@ def _bytes(figures: dict) -> dict:
 
 # --- The search ---------------------------------------------------------------------------------
 
-def search_layout(cfg, layout, devices, memory_limit, *, remats, accums=None, chip='h100',
+def search_layout(cfg, layout, devices, memory_limit, *, remats, at, chip, accums=None,
                   progress=None) -> list[dict]:
     """Candidates for one mesh: the smallest micro-batch count at which the least-memory remat
     fits, then lighter remats from there; a count predicted from temp ~ 1/grad_accum is tried
@@ -256,14 +142,14 @@ def search_layout(cfg, layout, devices, memory_limit, *, remats, accums=None, ch
         found = None
         index = start
         while index < len(choices):
-            row = evaluate_with_progress(cfg, layout, remat, choices[index], memory_limit, chip,
-                                         progress)
+            row = evaluate_with_progress(cfg, layout, remat, choices[index], memory_limit, at,
+                                         chip, progress)
             rows.append(row)
             if row['fits']:
                 found = index
                 break
             if not row['bytes_per_device'] or row['bytes_per_device']['temp'] is None:
-                break  # invalid, failed, or the state alone is too big: no micro-batch helps
+                break  # invalid, failed, too big, or not compiled: no micro-batch tells more
             index = _next_accum(choices, index, row, memory_limit)
         if found is None:
             break  # lighter remats need more memory still
@@ -284,11 +170,11 @@ def _next_accum(choices, index, row, memory_limit) -> int:
     return len(choices) - 1 if index < len(choices) - 1 else len(choices)
 
 
-def evaluate_with_progress(cfg, layout, remat, grad_accum, memory_limit, chip, progress):
+def evaluate_with_progress(cfg, layout, remat, grad_accum, memory_limit, at, chip, progress):
     if progress:
         progress(f'compiling {layout_name(layout)} remat={remat} grad_accum={grad_accum}')
     start = time.time()
-    row = evaluate(cfg, layout, remat, grad_accum, memory_limit, chip)
+    row = evaluate(cfg, layout, remat, grad_accum, memory_limit, at, chip)
     row['compile_seconds'] = round(time.time() - start, 1)
     if progress:
         total = row['bytes_per_device'] and row['bytes_per_device']['total']
@@ -298,20 +184,42 @@ def evaluate_with_progress(cfg, layout, remat, grad_accum, memory_limit, chip, p
 
 
 def plan_layouts(cfg, devices, memory_limit, *, remats=REMATS_BY_MEMORY, layouts=None,
-                 accums=None, chip='h100', progress=None) -> list[dict]:
+                 accums=None, target_name: str | None = None, progress=None) -> list[dict]:
     """Every candidate tried, ranked: fitting first, then by estimated step time, then fewer
-    micro-batches."""
+    micro-batches. target_name: build for that accelerator (else the devices present), and
+    estimate for it (else for an H100)."""
+    from moejax.plan import dry_run  # imports the training stack: only once planning starts
+    at = dry_run.where(target_name, devices)
+    chip = target.CHIPS[target_name or 'gpu-h100']
     layouts = layouts or mesh_candidates(cfg, devices)
-    rows = []
+    rows, start = [], time.time()
     for i, layout in enumerate(layouts):
         if progress:
-            progress(f'layout {i + 1}/{len(layouts)}: {layout_name(layout)}')
-        found = search_layout(cfg, layout, devices, memory_limit, remats=remats, accums=accums,
-                              chip=chip, progress=progress)
+            progress(f'layout {i + 1}/{len(layouts)}: {layout_name(layout)}'
+                     + _time_left(start, i, len(layouts)))
+        found = search_layout(cfg, layout, devices, memory_limit, remats=remats, at=at,
+                              chip=chip, accums=accums, progress=progress)
         rows += found or [dict(mesh=dict(layout), remat=None, grad_accum=None, micro_batch=None,
                                rows_per_device=None, fits=False, bytes_per_device=None,
-                               estimate=None, status='invalid for every grad_accum tried')]
+                               estimate=None, status=_why_none(cfg, layout, devices))]
     return sorted(rows, key=_rank)
+
+
+def _time_left(start: float, done: int, total: int) -> str:
+    """', about Nm left' from the mean time of the layouts planned so far."""
+    if not done:
+        return ''
+    left = (time.time() - start) / done * (total - done)
+    return f' (about {left / 60:.0f} min left)' if left >= 60 else f' (about {left:.0f} s left)'
+
+
+def _why_none(cfg, layout: dict, devices: int) -> str:
+    """Why no micro-batch count gives this layout a valid config: validate's own words."""
+    try:
+        config_lib.validate(variant(cfg, layout, cfg.model.remat, 1), devices)
+    except ConfigError as err:
+        return f'invalid for every grad_accum: {err}'
+    return 'invalid for every grad_accum tried'
 
 
 def _rank(row):
@@ -324,7 +232,7 @@ def layout_name(layout: dict) -> str:
     return ' '.join(f'{axis}={size}' for axis, size in layout.items())
 
 
-def table(rows: list[dict], memory_limit: int, chip: str) -> str:
+def table(rows: list[dict], memory_limit: int, chip: str) -> str:  # chip: its name
     """The ranked candidates as a fixed-width table."""
     gb = lambda x: '-' if x is None else f'{x / 1e9:.1f}'
     lines = [f'Candidates, best first (device memory {memory_limit / 1e9:.1f} GB; step time is an '

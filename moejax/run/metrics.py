@@ -11,17 +11,14 @@ import time
 import jax
 import numpy as np
 
-# Peak dense bf16 FLOP/s per chip, for MFU; None where unknown (MFU then not reported).
-PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
-              'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12}
+from moejax import target
 
 
 def peak_flops(device) -> float | None:
-    kind = getattr(device, 'device_kind', '')
-    for name, flops in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return flops
-    return None
+    """The device's dense bf16 FLOP/s from its spec sheet (moejax.target.CHIPS), for MFU; None
+    where unknown (CPU: MFU is then not reported)."""
+    chip = target.chip_of(getattr(device, 'device_kind', ''))
+    return chip.peak_flops if chip else None
 
 
 def to_python(value):
