@@ -147,7 +147,9 @@ def _sorted_slots(expert_GSK, mask_GS, num_experts, cap, priority_GS=None):
     key_GA = jnp.where(valid_GA, expert_GA, num_experts)  # padding sorts last
     order_GA = jnp.argsort(key_GA, axis=-1, stable=True)  # sorted index -> pair
     rank_GA = jax.vmap(grouped.inverse_permutation)(order_GA)  # pair -> sorted index
-    counts_GE = jnp.sum(jax.nn.one_hot(key_GA, num_experts, dtype=jnp.int32), axis=1)
+    g = key_GA.shape[0]
+    counts_GE = jnp.zeros((g, num_experts + 1), jnp.int32).at[
+        jnp.arange(g)[:, None], key_GA].add(1)[:, :num_experts]
     starts_GE = jnp.cumsum(counts_GE, axis=-1) - counts_GE
     own_start_GA = jnp.take_along_axis(starts_GE, jnp.minimum(expert_GA, num_experts - 1), -1)
     pos_GA = rank_GA - own_start_GA

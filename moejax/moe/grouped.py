@@ -80,7 +80,7 @@ def sorted_layout(expert_N, valid_N, num_experts: int, block: int) -> Layout:
     key_N = jnp.where(valid_N, expert_N, num_experts)  # invalid pairs sort last
     order_N = jnp.argsort(key_N, stable=True)  # sorted index -> pair
     rank_N = inverse_permutation(order_N)  # pair -> sorted index
-    counts_E = jnp.sum(jax.nn.one_hot(key_N, num_experts, dtype=jnp.int32), axis=0)
+    counts_E = jnp.zeros((num_experts + 1,), jnp.int32).at[key_N].add(1)[:num_experts]
     sizes_E = (counts_E + block - 1) // block * block
     start_E = jnp.cumsum(counts_E) - counts_E
     end_E = jnp.cumsum(sizes_E)
@@ -89,8 +89,9 @@ def sorted_layout(expert_N, valid_N, num_experts: int, block: int) -> Layout:
     row_N = rank_N - start_E[e_N] + pstart_E[e_N]
     rows = num_layout_rows(n, num_experts, block)
     r_P = jnp.arange(rows, dtype=jnp.int32)
-    e_P = jnp.minimum(jnp.searchsorted(end_E, r_P, side='right', method='compare_all'),
-                      num_experts - 1)
+    # each row's expert, O(P) (a search over the groups' ends would cost O(P E))
+    e_P = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), sizes_E,
+                     total_repeat_length=rows)
     offset_P = r_P - pstart_E[e_P]
     filled_P = offset_P < counts_E[e_P]
     pair_P = order_N[jnp.clip(start_E[e_P] + offset_P, 0, n - 1)]
