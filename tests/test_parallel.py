@@ -6,6 +6,7 @@ Its routing decisions must first have a clear margin (tests/decisions.py), so th
 does not depend on how this CPU rounds; `pytest --router_ulps=N` nudges the logits of every
 layout side by N ulps to show that it does not.
 """
+import contextlib
 import functools
 
 import jax
@@ -55,15 +56,16 @@ def make_batches(cfg, num):
     return batches
 
 
-def run(cfg, devices=None, *, ulps=None):
+def run(cfg, devices=None, *, ulps=None, record=False):
     """Per-step metrics of STEPS training steps on cfg's mesh, the compiled program's text, and
-    the margins of its routing decisions. ulps: nudge the router logits by this many ulps
-    (default: the --router_ulps option)."""
+    (record: for a reference, whose program the recording changes) the margins of its routing
+    decisions. ulps: nudge the router logits by this many ulps (default: --router_ulps)."""
     setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh, devices))
     state = state_lib.init_state(setup, cfg.train.seed)
     batches = [state_lib.global_batch(setup, b) for b in make_batches(cfg, STEPS)]
     ulps = decisions.LAYOUT_ULPS if ulps is None else ulps
-    with decisions.record(capacity(cfg)) as margins, decisions.perturbed(ulps):
+    recording = decisions.record(capacity(cfg)) if record else contextlib.nullcontext()
+    with recording as margins, decisions.perturbed(ulps):
         step = step_lib.compile_steps(setup)[0].lower(state, batches[0]).compile()
     history = []
     for batch in batches:
@@ -81,7 +83,7 @@ def capacity(cfg) -> int:
 @functools.lru_cache(maxsize=None)
 def one_device(**moe):
     """The reference: history on one device, after checking its decisions' margins."""
-    history, _, margins = run(make_config(**moe), jax.devices()[:1], ulps=0)
+    history, _, margins = run(make_config(**moe), jax.devices()[:1], ulps=0, record=True)
     margins.assert_clear()
     return history
 

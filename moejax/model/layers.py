@@ -31,7 +31,13 @@ class Embed(nnx.Module):
         self.table_VD = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=1)
 
     def __call__(self, ids_BT, dtype):
-        x_BTD = jnp.take(self.table_VD[...], ids_BT, axis=0).astype(dtype)
+        # The table whole along D (gathered over fsdp, as FSDP gathers any weight it uses): the
+        # lookup's gradient, a scatter-add of the batch-sharded dx_BTD, then stays on each
+        # device's rows and is reduce-scattered into the table's layout. With D split,
+        # GSPMD could only reshard dx_BTD by replicating it whole ("involuntary full
+        # rematerialization": [B, T, D] on every device, 4.3 GB for Mixtral's batch).
+        table_VD = sharding.constrain(self.table_VD[...], ('vocab', None))
+        x_BTD = jnp.take(table_VD, ids_BT, axis=0).astype(dtype)
         return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
 
