@@ -49,6 +49,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.qk_norm = False         # RMSNorm on each head's queries and keys (Qwen3)
     m.qkv_bias = False        # biases on the q/k/v projections (Qwen2)
     m.dense_layers = []       # layers kept dense whatever moe_every says (Qwen mlp_only_layers)
+    m.attention_kind = 'mha'  # 'mha' (rotary GQA) | 'mla' (DeepSeek multi-head latent attention)
+    m.q_lora_rank = 0         # mla: rank of the low-rank query projection; 0 = a full-rank query
+    m.kv_lora_rank = 0        # mla: width of the compressed key-value latent (the KV cache)
+    m.qk_nope_head_dim = 0    # mla: per-head query/key channels without rotary
+    m.qk_rope_head_dim = 0    # mla: per-head query/key channels with rotary (key shared by heads)
+    m.v_head_dim = 0          # mla: per-head value channels
+    m.rope_scaling = 'none'   # 'none' | 'yarn' (mla: YaRN context extension, DeepSeek-V3)
+    m.rope_factor = 1.0       # yarn: context extension factor (DeepSeek-V3: 40)
+    m.rope_original_max_len = 4096  # yarn: the pretraining context length
+    m.rope_beta_fast = 32.0   # yarn: wavelength ramp bound, fast end (rotations per context)
+    m.rope_beta_slow = 1.0    # yarn: wavelength ramp bound, slow end
+    m.rope_mscale = 1.0       # yarn: cos/sin scale 0.1*mscale*ln(factor)+1 over the all-dim one
+    m.rope_mscale_all_dim = 0.0  # yarn: softmax scale x (0.1*this*ln(factor)+1)^2; 0 = none
+    m.mtp_depth = 0           # multi-token prediction modules (DeepSeek-V3: 1); 0 = off
+    m.mtp_loss_weight = 0.3   # the MTP loss weight lambda, over the mean of the depths' losses
 
     cfg.moe = e = ml_collections.ConfigDict()
     e.num_experts = 8                # routed experts per MoE block
@@ -71,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.shared_gate = False            # scale the shared output by sigmoid(x @ w) (Qwen2-MoE)
     e.balance = 'aux_loss'           # 'aux_loss' | 'bias' (loss-free, DeepSeek-V3) | 'none'
     e.aux_loss_weight = 1e-2         # load-balancing loss weight (Switch: 1e-2)
+    e.seq_aux_loss_weight = 0.0      # sequence-wise balance loss weight (DeepSeek-V3: 1e-4)
     e.z_loss_weight = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
     e.jitter = 0.0                   # multiplicative router-input noise in training (Switch: 0.01)
     # Router conventions of peers (README "Coming from T5X / ST-MoE / MaxText / DeepSeek-V3"):

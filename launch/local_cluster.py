@@ -102,15 +102,15 @@ def run(command: list[str], num_processes: int, devices_per_process: int) -> int
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if '--' not in argv:
-        print('usage: local_cluster.py --num_processes=N --devices_per_process=M -- CMD ...',
-              file=sys.stderr)
-        return 2
-    split = argv.index('--')
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--num_processes', type=int, default=2)
-    parser.add_argument('--devices_per_process', type=int, default=4)
-    args = parser.parse_args(argv[:split])
+    split = argv.index('--') if '--' in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        usage='local_cluster.py --num_processes=N --devices_per_process=M -- CMD ...',
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--num_processes', type=int, default=2, help='processes to start')
+    parser.add_argument('--devices_per_process', type=int, default=4,
+                        help='CPU-simulated devices of each process')
+    own = ['--help' if a == '--helpfull' else a for a in argv[:split]]
+    args = parser.parse_args(own)  # --help prints the flags and exits 0
     command = argv[split + 1:]
     if not command or args.num_processes < 1 or args.devices_per_process < 1:
         parser.error('need a command after --, and --num_processes, --devices_per_process >= 1')

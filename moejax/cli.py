@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from moejax import usage
 from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -33,6 +35,7 @@ def _define_common(argv):
 def _parse(argv) -> None:
     """Parse flags; any flag or config-file problem is a usage error (exit 2)."""
     _recipes_importable(argv)
+    usage.exit_if_help(argv, _load_config)
     try:
         extra = FLAGS(argv)[1:]
         if FLAGS.config is not None and not isinstance(FLAGS.config, ml_collections.ConfigDict):
@@ -118,11 +121,12 @@ def _load_config(path):
         config.keys()
         return config, None
     except Exception as err:  # noqa: BLE001 - anything the config file raised
-        text = str(err)
-        if 'No such file or directory' in text:
+        if not os.path.isfile(path.split(':', 1)[0]):
             return None, 'no such config file; give one like configs/default.py[:variant]'
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return None, lines[-1] if lines else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # The recipe's own error is the traceback's last line: 'module.Error: message'.
+        return None, re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1]) if lines else \
+            type(err).__name__
 
 
 def _usage_error(message: str):
@@ -240,7 +244,8 @@ def train_main(argv=None):
             return
         from moejax.run.checkpoint import SaveError
         try:
-            loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+            loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart,
+                                    argv=argv)
         except (guards.NonFiniteError, SaveError) as err:  # one line, not a traceback
             print(f'moejax: {err}', file=sys.stderr, flush=True)
             sys.exit(1)
@@ -276,20 +281,29 @@ def eval_main(argv=None):
     _define_common(argv)
     flags.DEFINE_string('split', 'validation', 'Dataset split to evaluate.')
     flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+    flags.DEFINE_string('tokens', None, 'Evaluate these token ids instead of a split: a .npy of '
+                        'ids [B, T], each row one whole document (for a run without tokenizer).')
+    flags.DEFINE_string('out_dir', None, 'Where the eval_*.json file goes; default: --workdir.')
     logging.getLogger('absl').addFilter(_ReadOnlyNotices())
     _start(argv)
 
     def evaluate():
         from moejax import config as config_lib
+        from moejax.readers import evaluation
+        if FLAGS.tokens:
+            result = evaluation.evaluate_tokens(FLAGS.workdir, FLAGS.tokens, FLAGS.step,
+                                                FLAGS.out_dir)
+            print(evaluation.describe(result), flush=True)
+            return
         cfg = FLAGS.config
         saved = os.path.join(FLAGS.workdir, 'config.json')
         if cfg is None:
             if not os.path.exists(saved):
                 raise ConfigError('--config', None, f'is required: {saved} does not exist')
             cfg = config_lib.from_json(saved)  # a damaged file fails here, before slow imports
-        from moejax.readers import evaluation
-        result = evaluation.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step)
-        print(json.dumps(result), flush=True)
+        result = evaluation.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step,
+                                                FLAGS.out_dir)
+        print(evaluation.describe(result), flush=True)
     _run(evaluate)
 
 
@@ -304,6 +318,7 @@ class _ReadOnlyNotices(logging.Filter):
 
 def _parse_run_flags(argv) -> None:
     """Flags of the commands that read a finished run (generate, analyze): no config needed."""
+    usage.exit_if_help(argv)
     logging.getLogger('absl').addFilter(_ReadOnlyNotices())
     try:
         extra = FLAGS(argv)[1:]
@@ -405,7 +420,10 @@ def convert_main(argv=None):
     flags.DEFINE_string('upcycle_from', None, 'Upcycle: a dense run whose FFNs become the experts '
                         'of --config (an MoE config) in a new --workdir.')
     flags.DEFINE_integer('step', None, 'Export/upcycle: the checkpoint step; default: the latest.')
-    flags.DEFINE_integer('max_shard_mb', 5000, 'Export: largest safetensors file, in MB.')
+    flags.DEFINE_string('fp8_dtype', 'float32', 'Import: FP8 block-scaled weights (DeepSeek-V3) '
+                        'dequantised in float32, or rounded to bfloat16.')
+    flags.DEFINE_float('max_shard_mb', 5000, 'Export: largest safetensors file, in MB (2**20 '
+                       'bytes; fractions allowed, e.g. 0.5).')
     logging.getLogger('absl').addFilter(_ReadOnlyNotices())
     _start(argv)
 
@@ -417,10 +435,13 @@ def convert_main(argv=None):
         from moejax.hf import convert as convert_lib
         if FLAGS.from_hf:
             result = convert_lib.import_hf(FLAGS.from_hf, FLAGS.workdir,
-                                           FLAGS.config or _default_recipe())
+                                           FLAGS.config or _default_recipe(), FLAGS.fp8_dtype)
         elif FLAGS.to_hf:
+            if not 0 < FLAGS.max_shard_mb < float('inf'):
+                raise ConfigError('--max_shard_mb', FLAGS.max_shard_mb, 'must be a size in MB '
+                                  '> 0, e.g. 5000 or 0.5')
             result = convert_lib.export_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.step,
-                                           FLAGS.max_shard_mb << 20)
+                                           max(1, int(FLAGS.max_shard_mb * 2**20)))
         else:
             if FLAGS.config is None:
                 raise ConfigError('--config', None, 'is required with --upcycle_from: the MoE '
@@ -428,12 +449,39 @@ def convert_main(argv=None):
             result = convert_lib.upcycle(FLAGS.upcycle_from, FLAGS.workdir, FLAGS.config,
                                          FLAGS.step)
         print(json.dumps(result), flush=True)
-    _run(convert)
+    _run(lambda: _disk_failures_in_one_line(convert, FLAGS.to_hf or FLAGS.workdir))
+
+
+def _disk_failures_in_one_line(convert, target: str) -> None:
+    """A disk that fills or fails while a conversion writes: one line, exit 1 (the partial
+    result was removed before this: nothing was written)."""
+    from moejax.run.checkpoint import SaveError
+    try:
+        convert()
+    except (OSError, SaveError) as err:
+        reason = err.reason if isinstance(err, SaveError) else (
+            f'{err.strerror} ({err.filename})' if err.filename else err.strerror)
+        if not reason:
+            raise
+        print(f'moejax: the conversion stopped: {reason}; nothing was written to {target}',
+              file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _default_memory(target_name: str | None) -> str:
     from moejax import target
     return f'{target.CHIPS[target_name].hbm_bytes:.0f}' if target_name else '80GB'
+
+
+def _device_memory(text: str) -> int:
+    """--device_memory in bytes; '1.2.3GB' and '1e400' fail in float() and int() inside
+    parse_bytes, not as a ConfigError."""
+    from moejax.plan import search
+    try:
+        return search.parse_bytes(text)
+    except (ValueError, OverflowError):
+        raise ConfigError('--device_memory', text, 'must be a finite size like 80GB, 80GiB or '
+                          '8e10') from None
 
 
 def plan_main(argv=None):
@@ -457,6 +505,7 @@ def plan_main(argv=None):
     flags.DEFINE_list('grad_accum', None, 'opt.grad_accum values to try (default: all valid).')
     flags.DEFINE_string('meshes', None, 'Only these layouts: data=1,fsdp=8,expert=8,tensor=1;...')
     _recipes_importable(argv)
+    usage.exit_if_help(argv, _load_config)
     try:
         flags.FLAGS(argv)
         flags.FLAGS.config.keys()
@@ -473,7 +522,7 @@ def plan_main(argv=None):
         jax.config.update('jax_num_cpu_devices', FLAGS.devices)
 
     def run():
-        memory = search.parse_bytes(FLAGS.device_memory or _default_memory(FLAGS.target))
+        memory = _device_memory(FLAGS.device_memory or _default_memory(FLAGS.target))
         bad = [r for r in FLAGS.remat if r not in search.REMATS_BY_MEMORY]
         if bad:
             raise ConfigError('--remat', ','.join(bad),

@@ -17,6 +17,8 @@ CHOICES = {
     'model.activation': ('gelu', 'swiglu'),
     'model.remat': ('none', 'block', 'minimal'),
     'model.attention': ('auto', 'xla', 'chunked', 'flash'),
+    'model.attention_kind': ('mha', 'mla'),
+    'model.rope_scaling': ('none', 'yarn'),
     'moe.router': ('top_k', 'noisy_top_k', 'expert_choice', 'soft'),
     'moe.dispatch': ('einsum', 'sort', 'dropless'),
     'moe.comm': ('auto', 'gspmd', 'all_to_all'),
@@ -27,7 +29,7 @@ CHOICES = {
     'moe.capacity_rule': ('gshard', 't5x'),
     'moe.aux_loss_norm': ('assignments', 'tokens'),
     'moe.router_dtype': ('float32',),
-    'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
+    'data.tokenizer': ('sentencepiece', 'byte', 'hf', 'none'),  # none: imported without one
     'data.text_format': ('files', 'lines'),
     'opt.name': ('adamw', 'adafactor'),
     'opt.schedule': ('cosine', 'rsqrt', 'constant'),
@@ -38,14 +40,19 @@ POSITIVE_INTS = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.
                  'model.max_len', 'moe.num_experts', 'moe.top_k', 'data.seq_len',
                  'data.batch_size', 'data.eval_batches', 'opt.grad_accum', 'train.num_steps',
                  'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-                 'train.max_skipped_steps', 'moe.min_capacity')
+                 'train.max_skipped_steps', 'moe.min_capacity', 'model.rope_original_max_len')
 NON_NEGATIVE_INTS = ('model.num_kv_heads', 'model.moe_every', 'moe.group_size',
                      'model.head_dim', 'moe.expert_d_ff', 'moe.shared_d_ff',
                      'moe.num_shared_experts', 'opt.warmup_steps', 'train.eval_every',
-                     'train.seed', 'moe.num_expert_groups', 'moe.top_expert_groups')
+                     'train.seed', 'moe.num_expert_groups', 'moe.top_expert_groups',
+                     'model.q_lora_rank', 'model.kv_lora_rank', 'model.qk_nope_head_dim',
+                     'model.qk_rope_head_dim', 'model.v_head_dim', 'model.mtp_depth')
 NON_NEGATIVE = ('moe.aux_loss_weight', 'moe.z_loss_weight', 'moe.jitter', 'moe.bias_update_rate',
-                'opt.weight_decay', 'opt.clip_norm', 'train.spike_factor')
-POSITIVE_FLOATS = ('opt.lr', 'model.rope_base', 'moe.routed_scaling_factor', 'model.norm_eps')
+                'opt.weight_decay', 'opt.clip_norm', 'train.spike_factor',
+                'moe.seq_aux_loss_weight', 'model.mtp_loss_weight', 'model.rope_mscale',
+                'model.rope_mscale_all_dim')
+POSITIVE_FLOATS = ('opt.lr', 'model.rope_base', 'moe.routed_scaling_factor', 'model.norm_eps',
+                   'model.rope_factor', 'model.rope_beta_fast', 'model.rope_beta_slow')
 BOOLS = ('model.qk_norm', 'model.qkv_bias', 'moe.shared_gate', 'moe.batch_prioritized')
 # Slots per expert = ceil(S*k*factor/E); a factor <= 0 means no drops (S slots: see
 # routing.capacity), so any finite number is allowed.
@@ -70,7 +77,7 @@ def validate(cfg, num_devices: int) -> None:
     m, e, d = cfg.model, cfg.moe, cfg.data
     _require(d.batch_size % cfg.opt.grad_accum == 0, 'opt.grad_accum', cfg.opt.grad_accum,
              f'must divide data.batch_size={d.batch_size}')
-    _check_heads(cfg)
+    _check_mla(cfg) if m.attention_kind == 'mla' else _check_heads(cfg)
     kv = m.num_kv_heads or m.num_heads
     _require(m.num_heads % kv == 0, 'model.num_kv_heads', m.num_kv_heads,
              f'must divide model.num_heads={m.num_heads} (0 = num_heads)')
@@ -88,6 +95,7 @@ def validate(cfg, num_devices: int) -> None:
         _require(m.moe_every <= m.num_layers, 'model.moe_every', m.moe_every,
                  f'must be <= model.num_layers={m.num_layers} or 0 for a dense model')
     _check_layer_kinds(cfg)
+    _check_rope_scaling(cfg)
     _check_scan(cfg)
     _check_router_conventions(cfg)
     _check_mesh(cfg, num_devices)
@@ -105,7 +113,7 @@ def validate(cfg, num_devices: int) -> None:
 
 # Router conventions that only the top_k router has (its scores, gates, groups, aux loss).
 TOP_K_ONLY = {'score_fn': 'softmax', 'gate_norm': 'auto', 'routed_scaling_factor': 1.0,
-              'num_expert_groups': 0, 'aux_loss_norm': 'assignments'}
+              'num_expert_groups': 0, 'aux_loss_norm': 'assignments', 'seq_aux_loss_weight': 0.0}
 
 
 def _check_heads(cfg):
@@ -123,6 +131,25 @@ def _check_heads(cfg):
     _require(size % 2 == 0, 'model.d_model', m.d_model,
              f'the head size d_model/num_heads={size} must be even (rotary positions '
              f'rotate pairs of dimensions); e.g. d_model={m.num_heads * (size + 1)}')
+
+
+def _check_mla(cfg):
+    """Multi-head latent attention: a compressed latent, rotary and non-rotary query/key parts,
+    a value width; its K/V heads are the query heads; YaRN applies to MLA only."""
+    m = cfg.model
+    for key in ('kv_lora_rank', 'qk_nope_head_dim', 'v_head_dim'):
+        _require(m[key] >= 1, f'model.{key}', m[key], "must be >= 1 for attention_kind='mla'")
+    _require(m.qk_rope_head_dim >= 2 and m.qk_rope_head_dim % 2 == 0, 'model.qk_rope_head_dim',
+             m.qk_rope_head_dim, "must be even and >= 2 for attention_kind='mla' (rotary "
+             'positions rotate pairs of channels)')
+    _require(m.num_kv_heads in (0, m.num_heads), 'model.num_kv_heads', m.num_kv_heads,
+             "must be 0 (= num_heads) for attention_kind='mla': every head expands the latent")
+
+
+def _check_rope_scaling(cfg):
+    m = cfg.model
+    _require(m.rope_scaling == 'none' or m.attention_kind == 'mla', 'model.rope_scaling',
+             m.rope_scaling, "YaRN is built for attention_kind='mla' (DeepSeek); use 'none'")
 
 
 def _check_layer_kinds(cfg):
@@ -360,7 +387,15 @@ ADDED_KEYS = {'model.remat': 'none', 'model.scan_layers': False, 'model.attentio
               'moe.shared_d_ff': 0, 'moe.shared_gate': False,
               # the ragged expert exchange (issue 22): dropless under expert parallelism never
               # dropped a row before it (its buffers were the worst case)
-              'moe.ep_buffer_factor': 0.0}
+              'moe.ep_buffer_factor': 0.0,
+              # DeepSeek-V3 (issue 26): standard attention, no rope scaling, no MTP, no sequence loss
+              'model.attention_kind': 'mha', 'model.q_lora_rank': 0, 'model.kv_lora_rank': 0,
+              'model.qk_nope_head_dim': 0, 'model.qk_rope_head_dim': 0, 'model.v_head_dim': 0,
+              'model.rope_scaling': 'none', 'model.rope_factor': 1.0,
+              'model.rope_original_max_len': 4096, 'model.rope_beta_fast': 32.0,
+              'model.rope_beta_slow': 1.0, 'model.rope_mscale': 1.0,
+              'model.rope_mscale_all_dim': 0.0, 'model.mtp_depth': 0, 'model.mtp_loss_weight': 0.3,
+              'moe.seq_aux_loss_weight': 0.0}
 
 
 def _run_file(path: str) -> tuple[str, str]:

@@ -9,7 +9,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # Parameters carry logical names as metadata only; jit applies the shardings (moejax.run.state),
@@ -47,30 +46,24 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def logical_to_spec(logical: Sequence[str | None], rules=DEFAULT_RULES) -> P:
+def logical_to_spec(logical: Sequence[str | None]) -> P:
     """PartitionSpec for a tuple of logical axis names; unknown names and None replicate."""
-    table = dict(rules)
+    table = dict(DEFAULT_RULES)
     return P(*(table.get(name) if name is not None else None for name in logical))
 
 
-def tree_specs(logical_tree, rules=DEFAULT_RULES):
+def tree_specs(logical_tree):
     """Map a pytree of logical PartitionSpecs (as nnx.get_partition_spec gives) to mesh specs."""
-    return jax.tree.map(lambda spec: logical_to_spec(tuple(spec), rules), logical_tree,
+    return jax.tree.map(lambda spec: logical_to_spec(tuple(spec)), logical_tree,
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def tree_shardings(mesh, logical_tree, rules=DEFAULT_RULES):
-    """NamedShardings on `mesh` for a pytree of logical PartitionSpecs."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(logical_tree, rules),
-                        is_leaf=lambda x: isinstance(x, P))
-
-
-def constrain(x: jax.Array, logical: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside a mesh context (one device)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = logical_to_spec(logical, rules)
+    spec = logical_to_spec(logical)
     # Drop mesh axes the current mesh lacks or has at size 1, so one rules table fits every mesh,
     # and axes that are manual here (inside shard_map, where each device sees its own shard).
     names = set(a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in mesh.manual_axes)

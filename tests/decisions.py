@@ -97,8 +97,9 @@ class Recorder:
 
 def _record_top_k(recorder, capacity, original):
     def top_k_routing(logits_GSE, mask_GS, top_k, *, balance='aux_loss', bias_E=None,
-                      conv=routing.Conventions()):
-        route = original(logits_GSE, mask_GS, top_k, balance=balance, bias_E=bias_E, conv=conv)
+                      conv=routing.Conventions(), seq_len=0):
+        route = original(logits_GSE, mask_GS, top_k, balance=balance, bias_E=bias_E, conv=conv,
+                         seq_len=seq_len)
         scores_GSE, _ = routing.router_scores(logits_GSE, conv.score_fn)
         select_GSE = scores_GSE if bias_E is None else scores_GSE + bias_E
 

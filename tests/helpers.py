@@ -1,9 +1,12 @@
 """Small shared helpers for the tests: tiny configs and running the command line."""
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
 import ml_collections
+import pytest
 
 from configs import default
 
@@ -39,3 +42,19 @@ def run_cli(script: str, *args, env=None, timeout=600):
     cmd = [sys.executable, os.path.join(REPO, 'launch', f'{script}.py'), *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size: str = '64k', read_only: bool = False):
+    """A small (or read-only) filesystem at path: a tmpfs, where root may mount one; else the
+    test is skipped (permission bits do not bind root, and RLIMIT_FSIZE only binds a child)."""
+    os.makedirs(path)
+    options = f'size={size}' + (',ro' if read_only else '')
+    if os.geteuid() != 0 or not shutil.which('mount') or subprocess.run(
+            ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)],
+            capture_output=True).returncode:
+        pytest.skip('needs root and a mountable tmpfs')
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', str(path)], check=False)

@@ -20,7 +20,7 @@ from moejax.model import attention
 from tests.helpers import run_cli, tiny_config
 from tests.test_parallel import assert_same_training, make_config, one_device, run
 
-B, T, H, G, K = 2, 21, 4, 2, 8
+B, T, H, J, K = 2, 21, 4, 2, 8
 
 
 def packed_segments(batch: int, length: int) -> np.ndarray:
@@ -35,7 +35,7 @@ def packed_segments(batch: int, length: int) -> np.ndarray:
 def inputs(length=T, seed=0):
     rng = np.random.default_rng(seed)
     q, w = (rng.normal(size=(B, length, H, K)) for _ in range(2))
-    k, v = (rng.normal(size=(B, length, G, K)) for _ in range(2))
+    k, v = (rng.normal(size=(B, length, J, K)) for _ in range(2))
     return q, k, v, w, packed_segments(B, length)
 
 
@@ -48,7 +48,7 @@ def reference(q, k, v, w, seg):
     dk, dv = np.zeros_like(k), np.zeros_like(v)
     for b in range(q.shape[0]):
         for h in range(H):
-            g = h // (H // G)
+            g = h // (H // J)
             s = q[b, :, h] @ k[b, :, g].T / np.sqrt(K)
             s = np.where(allowed[b], s, -np.inf)
             row_max = np.max(s, axis=-1, keepdims=True)

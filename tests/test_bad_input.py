@@ -1,5 +1,6 @@
 """Bad input through the command line: exit 2 and one stderr line naming what is wrong, never a
 traceback (issue 12, findings 5 and 6); and the data and capacity fixes that came with them."""
+import hashlib
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.data import corpus
+from moejax.data import corpus, sources, stdlib_corpus
 from moejax.errors import ConfigError
 from moejax.moe.block import MoEBlock
 from moejax.run import metrics
@@ -230,22 +231,22 @@ def corpus_cfg(tmp_path, glob, text_format='files'):
 def test_small_corpus_gets_a_validation_document(tmp_path, num, text_format):
     names = small_corpus(tmp_path / 'corpus', num)
     cfg = corpus_cfg(tmp_path, str(tmp_path / 'corpus/*.txt'), text_format)
-    splits = {s: corpus.open_split(cfg, s) for s in corpus.TEXT_SPLITS}
+    splits = {s: sources.open_split(cfg, s) for s in corpus.TEXT_SPLITS}
     got = {s: docs.get(range(len(docs))) for s, docs in splits.items()}
     assert len(got['validation']) == 1 and len(got['train']) == num - 1
     every = [f'document number {i} says hello' for i in range(num)]  # as small_corpus wrote
     assert sorted(t.strip() for t in got['train'] + got['validation']) == sorted(every)
     # The moved document is the one of smallest sha256 (of its path, or 'path:line').
     keys = names if text_format == 'files' else [f'{n}:0' for n in names]
-    smallest = min(range(num), key=lambda i: corpus.hashlib.sha256(keys[i].encode()).digest())
+    smallest = min(range(num), key=lambda i: hashlib.sha256(keys[i].encode()).digest())
     assert got['validation'][0].strip() == every[smallest]
-    again = corpus.open_split(cfg, 'validation')  # stable: the same document every time
+    again = sources.open_split(cfg, 'validation')  # stable: the same document every time
     assert again.get([0]) == got['validation'] and again.key == splits['validation'].key
 
 
 def test_large_corpus_split_is_the_plain_hash():
     """python_stdlib (prepared, cached) keeps its split: the fallback never applies to it."""
-    relative = [r for r, _ in corpus.stdlib_sources()]
+    relative = [r for r, _ in stdlib_corpus.stdlib_sources()]
     assert corpus.validation_flags(relative) == [corpus.is_validation(r) for r in relative]
 
 
@@ -257,7 +258,7 @@ def test_binary_files_skipped_and_undecodable_counted(tmp_path, capsys):
     cfg = corpus_cfg(tmp_path, str(directory / '*.txt'))
     texts = []
     for split in corpus.TEXT_SPLITS:
-        docs = corpus.open_split(cfg, split)
+        docs = sources.open_split(cfg, split)
         texts += docs.get(range(len(docs)))
     assert len(texts) == 31 and not any('IHDR' in t for t in texts)
     assert 'caf\ufffd cr\ufffdme br\ufffdl\ufffde\n' in texts  # read, with replacements

@@ -1,6 +1,7 @@
 """The command line refuses bad configs before anything compiles: exit 2, one line on stderr
 naming the key, the bad value and what is allowed, no traceback, within seconds."""
 import concurrent.futures
+import configparser
 import os
 import subprocess
 import sys
@@ -105,3 +106,92 @@ def flags_under_test(argv):
     fresh = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=fresh, sys_argv=argv)
     fresh(argv)
+
+
+# ------------------------------------------------------------------------------------ --help
+
+# Each command's flags, as DESIGN.md's contract lists them (the truth --help must show).
+COMMAND_FLAGS = {
+    'train': ['config', 'workdir', 'restart', 'dry_run', 'simulated_devices'],
+    'eval': ['config', 'workdir', 'split', 'step', 'tokens', 'out_dir'],
+    'generate': ['workdir', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'seed'],
+    'analyze': ['workdir', 'text', 'step', 'out_dir'],
+    'forward': ['workdir', 'step', 'tokens', 'out'],
+    'convert': ['from_hf', 'to_hf', 'upcycle_from', 'workdir', 'config', 'step', 'max_shard_mb'],
+    'plan': ['config', 'devices', 'device_memory', 'remat', 'grad_accum', 'meshes'],
+}
+
+
+def run_help(program: list[str], flag: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    return subprocess.run([*program, flag], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def console_scripts() -> dict[str, str]:
+    """{command: 'module:function'} of setup.cfg's moejax-* console scripts."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(REPO, 'setup.cfg'))
+    lines = parser['options.entry_points']['console_scripts'].strip().splitlines()
+    return {name.strip().removeprefix('moejax-'): target.strip()
+            for name, target in (line.split('=') for line in lines)}
+
+
+def help_runs():
+    """(what, program, flag, expected flags) for every command: its launch script with every
+    help flag, and setup.cfg's console script as it runs (the function it names, under its
+    name)."""
+    scripts = console_scripts()
+    assert sorted(scripts) == sorted(COMMAND_FLAGS)
+    for command, expected in COMMAND_FLAGS.items():
+        module, function = scripts[command].split(':')
+        console = [sys.executable, '-c', f'import sys; sys.argv[0] = "moejax-{command}"; '
+                   f'import {module}; {module}.{function}()']
+        launch = [sys.executable, os.path.join('launch', f'{command}.py')]
+        for flag in ('--help', '-h', '--helpfull'):
+            yield f'launch {command} {flag}', launch, flag, expected
+        yield f'console {command} --help', console, '--help', expected
+
+
+def test_every_command_answers_help_with_its_flags():
+    runs = list(help_runs())
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda run: run_help(run[1], run[2]), runs))
+    for (what, _, flag, expected), proc in zip(runs, results):
+        assert proc.returncode == 0 and not proc.stderr.strip(), (what, proc.stderr[-2000:])
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith('usage: '), (what, lines[:3])
+        for name in expected:
+            assert sum(line.startswith(f'  --{name}: ') for line in lines) == 1, (what, name)
+        if flag == '--helpfull':
+            assert '  --verbosity: ' in proc.stdout, what  # absl's own flags too
+            if 'config' in expected:
+                assert '  --config.model.d_model=' in proc.stdout, what
+    cluster = run_help([sys.executable, 'launch/local_cluster.py'], '--help')
+    assert cluster.returncode == 0 and '--num_processes' in cluster.stdout, cluster.stderr
+
+
+# ------------------------------------------------- flags that failed with a traceback (issue 24)
+
+
+def test_saved_config_of_a_workdir_without_a_readable_config_json_is_one_line(tmp_path):
+    """configs/saved.py raises a ConfigError; config_flags re-raises it with one argument."""
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'config.json').write_text('[1, 2]')
+    for workdir, shown in ((tmp_path / 'missing', 'config.json is not readable'),
+                           (tmp_path / 'bad', 'config.json is not a run config')):
+        result, seconds = run_train([f'--config=configs/saved.py:{workdir}'], str(workdir),
+                                    str(tmp_path / 'data'))
+        assert_one_line_error(result, seconds, '--config', shown, str(workdir))
+
+
+@pytest.mark.parametrize('memory', ['1.2.3GB', '1e400'])
+def test_plan_device_memory_that_is_no_size_is_one_line(memory):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'plan.py'), TINY,
+                           '--devices=8', f'--device_memory={memory}'], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == [
+        f"moejax: error: --device_memory='{memory}': must be a finite size like 80GB, 80GiB or "
+        '8e10'], proc.stderr[-2000:]

@@ -3,6 +3,7 @@ import collections
 import glob
 import hashlib
 import itertools
+import json
 import os
 import sysconfig
 
@@ -13,7 +14,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from moejax import data
-from moejax.data import pipeline
+from moejax.data import pipeline, sources, stdlib_corpus
 from moejax.errors import ConfigError
 
 FIELDS = ('inputs', 'targets', 'segment_ids', 'positions')
@@ -106,12 +107,16 @@ def test_byte_tokenizer_round_trips(tmp_path):
     check_round_trip(tokenizer, TEXTS)
 
 
-def test_sentencepiece_trains_caches_and_round_trips(tmp_path):
+def test_sentencepiece_trains_caches_and_round_trips(tmp_path, capsys):
     write_lines_corpus(tmp_path, synthetic_documents(3000))
     cfg = make_cfg(tmp_path, tokenizer='sentencepiece', vocab_size=320)
     workdir = tmp_path / 'run'
     tokenizer = data.get_tokenizer(cfg, str(workdir))
     assert tokenizer.vocab_size == 320
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith('data: ')]
+    assert said[-2].startswith('data: training a SentencePiece tokenizer (320 pieces) on ~4M '
+                               'characters of the text_files train split, once') and 'ETA' in said[-2]
+    assert said[-1].startswith('data: tokenizer: trained (in ')
     check_round_trip(tokenizer, TEXTS + synthetic_documents(20, seed=1))
     assert len(tokenizer.encode('alpha beta gamma')) < len('alpha beta gamma')  # learned pieces
     # Cached in data_dir: a second call (no workdir) loads the same model.
@@ -157,7 +162,7 @@ def test_packer_layout_by_hand():
     np.testing.assert_array_equal(rows, expected)
 
 
-def test_packed_batches_reconstruct_the_corpus(tmp_path):
+def test_packed_batches_reconstruct_the_corpus(tmp_path, capsys):
     docs = synthetic_documents(300)
     write_lines_corpus(tmp_path, docs)
     cfg = make_cfg(tmp_path, seq_len=64)
@@ -169,6 +174,12 @@ def test_packed_batches_reconstruct_the_corpus(tmp_path):
         assert set(batch) == set(FIELDS)
         assert all(v.shape == (4, 64) and v.dtype == np.int32 for v in batch.values())
         found.append(reconstruct(all_rows(source), tokenizer))
+        # The packing's report: documents, and tokens (+ eos each) in rows, counted here anew.
+        rows_N4T = all_rows(source)
+        rows = len(rows_N4T) - sum(not (r[2] > 0).any() for r in rows_N4T)  # less batch padding
+        tokens = sum(len(tokenizer.encode(d)) + 1 for d in found[-1])
+        assert f'data: packing text_files {split}: {len(found[-1]):,} documents, {tokens:,} ' \
+               f'tokens in {rows:,} rows of 64 (in ' in capsys.readouterr().out
     assert len(found[1]) > 0 and len(found[0]) > len(found[1])
     assert collections.Counter(found[0] + found[1]) == collections.Counter(docs)
 
@@ -258,6 +269,33 @@ def test_text_files_one_document_per_file(tmp_path):
     assert sorted(found[0] + found[1]) == sorted(expected)
 
 
+@pytest.mark.parametrize('text_format', ['files', 'lines'])
+def test_text_corpora_count_documents_per_split_and_warn_about_empty_files(tmp_path, capsys,
+                                                                          text_format):
+    docs = synthetic_documents(60)
+    os.makedirs(tmp_path / 'corpus')
+    for i, doc in enumerate(docs):
+        (tmp_path / f'corpus/doc{i:02d}.txt').write_text(doc + '\n' + doc)
+    for name in ('empty1.txt', 'empty2.txt'):
+        (tmp_path / 'corpus' / name).write_text('')
+    cfg = make_cfg(tmp_path, text_format=text_format)
+    tokenizer = data.get_tokenizer(cfg)
+    for split in ('train', 'validation'):
+        data.eval_batches(cfg, tokenizer, split)
+    # The truth: the split rule on each document's key (file, or file:line), written out again.
+    keys = [f'doc{i:02d}.txt' + (f':{n}' if text_format == 'lines' else '')
+            for i in range(60) for n in ((0, 1) if text_format == 'lines' else (0,))]
+    validation = sum(int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], 'big') % 1000 < 50
+                     for k in keys)
+    unit = 'one per file' if text_format == 'files' else 'one per non-empty line'
+    out, err = capsys.readouterr()
+    assert f"data: text_files {cfg.data.text_glob!r}: 60 usable file(s), " \
+           f'{len(keys) - validation} train and {validation} validation documents ({unit})' in out
+    [warning] = err.splitlines()
+    assert 'skipped 0 binary file(s) (NUL bytes) and 2 empty file(s)' in warning
+    assert 'empty1.txt' in warning
+
+
 def test_empty_split_is_reported(tmp_path):
     os.makedirs(tmp_path / 'corpus')
     (tmp_path / 'corpus/only.txt').write_text('a single document')
@@ -340,13 +378,29 @@ def stdlib_cfg(tmp_path_factory):
     return cfg, data.get_tokenizer(cfg)
 
 
+def in_corpus(relative: str) -> bool:
+    """The documented rule (stdlib_corpus's docstring), written out again: no test suites
+    (folders test, tests, idle_test), no build-specific files, nothing from site-packages."""
+    *folders, name = relative.split(os.sep)
+    return not ({'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'} & set(folders)
+                or name.startswith('_sysconfigdata')
+                or any(f.startswith('config-') for f in folders))
+
+
+def generated(path: str) -> bool:
+    """A character-mapping table generated by gencodec.py, as its header says."""
+    with open(path, 'rb') as f:
+        return b'generated from' in f.read(400)
+
+
 def stdlib_validation_bytes() -> int:
-    """Bytes of the UTF-8 stdlib files that the sha256-of-path rule puts in the validation split."""
+    """Bytes of the UTF-8 stdlib files in the corpus that the sha256-of-path rule puts in the
+    validation split."""
     root = sysconfig.get_paths()['stdlib']
     total = 0
     for path in glob.glob(os.path.join(root, '**/*.py'), recursive=True):
         relative = os.path.relpath(path, root)
-        if {'site-packages', 'dist-packages'} & set(relative.split(os.sep)):
+        if not in_corpus(relative) or generated(path):
             continue
         digest = hashlib.sha256(relative.encode()).digest()
         if int.from_bytes(digest[:4], 'big') % 1000 < 50:
@@ -356,6 +410,54 @@ def stdlib_validation_bytes() -> int:
             except UnicodeDecodeError:
                 pass
     return total
+
+
+def test_the_stdlib_corpus_leaves_out_test_suites_and_is_named_by_its_digest():
+    """The digest over the sorted (path, sha256 of content) list of the files the documented
+    rule keeps, computed here anew."""
+    root = sysconfig.get_paths()['stdlib']
+    lines, kept = [], 0
+    for path in glob.glob(os.path.join(root, '**/*.py'), recursive=True):
+        relative = os.path.relpath(path, root)
+        if in_corpus(relative) and '__pycache__' not in relative.split(os.sep):
+            raw = open(path, 'rb').read()
+            raw.decode('utf-8')  # every file outside the test suites is valid UTF-8
+            if generated(path):
+                continue
+            lines.append(f'{relative}\t{hashlib.sha256(raw).hexdigest()}\n')
+            kept += 1
+    manifest = stdlib_corpus.stdlib_manifest()
+    assert len(manifest.files) == kept
+    assert manifest.digest == hashlib.sha256(''.join(sorted(lines)).encode()).hexdigest()
+    assert not any(left := [r for r, _ in manifest.files if not in_corpus(r)]), left
+    assert 'encodings/cp1252.py' not in dict(manifest.files) and 'encodings/aliases.py' in dict(
+        manifest.files)
+
+
+def test_a_prepared_stdlib_corpus_of_another_digest_is_rebuilt_with_one_line(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, name='python_stdlib')
+    builder = stdlib_corpus.prepared_stdlib_builder(cfg)
+    out = capsys.readouterr().out
+    digest = stdlib_corpus.stdlib_manifest().digest
+    assert 'Downloading' not in out
+    assert 'data: building the python_stdlib corpus from this interpreter\'s standard library ' \
+           f'(nothing is downloaded): {len(stdlib_corpus.stdlib_manifest().files):,} files' in out
+    assert f'digest {digest[:16]}' in out
+    assert stdlib_corpus.stored_digest(builder) == digest
+    # A dataset prepared from another standard library (edited here to say so) is rebuilt.
+    metadata = os.path.join(builder.data_dir, 'metadata.json')
+    with open(metadata) as f:
+        stored = json.load(f)
+    with open(metadata, 'w') as f:
+        json.dump(dict(stored, digest='0123456789abcdef' * 4), f)
+    builder = stdlib_corpus.prepared_stdlib_builder(cfg)
+    said = [line for line in capsys.readouterr().out.splitlines() if 'another' in line]
+    assert said == [f'data: the python_stdlib in {builder.data_dir} was built from another '
+                    'standard library (digest 0123456789abcdef); rebuilding it from this '
+                    f"interpreter's (digest {digest[:16]})"]
+    assert stdlib_corpus.stored_digest(builder) == digest
+    # Caches built from a corpus (tokenizers, packed rows) are named by its digest.
+    assert sources.open_split(cfg, 'validation').key == f'python_stdlib-{digest[:16]}-text'
 
 
 def test_python_stdlib_validation_split_is_complete(stdlib_cfg):

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from moejax.moe import dispatch as D
-from moejax.moe import grouped
-from moejax.moe.routing import Routing, expert_choice_routing
+from moejax.moe import experts, grouped
+from moejax.moe.routing import Soft, TokenChoice, expert_choice_routing
 
 nnx.use_eager_sharding(False)
 
@@ -56,7 +56,7 @@ def make_weights(seed, swiglu, num_experts=E, dtype=jnp.float32):
     w_in = jax.random.normal(ks[0], (num_experts, DM, F), dtype) / math.sqrt(DM)
     w_gate = jax.random.normal(ks[1], (num_experts, DM, F), dtype) / math.sqrt(DM)
     w_out = jax.random.normal(ks[2], (num_experts, F, DM), dtype) / math.sqrt(F)
-    return D.ExpertWeights(w_in, w_gate if swiglu else None, w_out)
+    return experts.ExpertWeights(w_in, w_gate if swiglu else None, w_out)
 
 
 def make_token_choice(seed, k, skew=True):
@@ -73,7 +73,7 @@ def make_token_choice(seed, k, skew=True):
 
 
 def token_routing(expert, gate):
-    return Routing(jnp.asarray(expert), jnp.asarray(gate), None, None, None, {}, {})
+    return TokenChoice(jnp.asarray(expert), jnp.asarray(gate), {}, {})
 
 
 @functools.partial(jax.jit, static_argnames=('engine', 'capacity'))
@@ -125,12 +125,13 @@ def grads_of(engine, x, mask, routing, w, cap):
     """Gradients of a scalar loss w.r.t. x, the gates and every expert weight."""
     probe = jax.random.normal(jax.random.key(7), x.shape)
 
+    token_choice = isinstance(routing, TokenChoice)
+
     def loss(x, gate, w):
-        r = routing._replace(gate_GSK=gate) if routing.gate_GSK is not None else (
-            routing._replace(gate_GEC=gate))
+        r = routing._replace(gate_GSK=gate) if token_choice else routing._replace(gate_GEC=gate)
         y, _ = D.dispatch_combine(x, mask, r, w, engine=engine, capacity=cap)
         return jnp.sum(y * probe)
-    gate = routing.gate_GSK if routing.gate_GSK is not None else routing.gate_GEC
+    gate = routing.gate_GSK if token_choice else routing.gate_GEC
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gate, w)
 
 
@@ -196,7 +197,7 @@ def test_soft_routing_matches_reference(engine):
             if mask[g, s]:
                 for e in range(E):
                     y_want[g, s] += gate[g, s, e] * np_expert(w, e, x[g, s].astype(np.float64))
-    routing = Routing(None, None, None, None, jnp.asarray(gate), {}, {})
+    routing = Soft(jnp.asarray(gate), {}, {})
     y, dropped = run(jnp.asarray(x), jnp.asarray(mask), routing, w, engine=engine, capacity=1)
     np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-6)
     assert float(dropped) == 0.0
@@ -224,7 +225,7 @@ def test_one_expert_with_gate_one_is_a_plain_ffn(engine, swiglu):
 def test_expert_ffn_shapes_and_dtype():
     w = make_weights(6, True)
     x_ECD = jax.random.normal(jax.random.key(0), (E, 3, DM), jnp.bfloat16)
-    y_ECD = D.expert_ffn(w, x_ECD)
+    y_ECD = experts.expert_ffn(w, x_ECD)
     assert y_ECD.shape == (E, 3, DM) and y_ECD.dtype == jnp.bfloat16
     x, mask, expert, gate = make_token_choice(8, 2)
     for engine in ENGINES:

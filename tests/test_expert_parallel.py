@@ -18,7 +18,7 @@ from moejax import config as config_lib
 from moejax import mesh as mesh_lib
 from moejax.errors import ConfigError
 from moejax.moe import expert_parallel, experts
-from moejax.moe.routing import Routing
+from moejax.moe.routing import TokenChoice
 from moejax.run import state as state_lib
 from moejax.run import step as step_lib
 from tests import test_parallel as P
@@ -102,7 +102,7 @@ def test_forced_overflow_drops_exactly_the_rows_the_rule_says():
 
     cfg = ml_collections.ConfigDict({'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1})
     mesh = mesh_lib.make_mesh(cfg)
-    route = Routing(jnp.asarray(expert_GSK), jnp.asarray(gate_GSK), None, None, None, {}, {})
+    route = TokenChoice(jnp.asarray(expert_GSK), jnp.asarray(gate_GSK), {}, {})
     w = experts.ExpertWeights(jnp.asarray(w_in), None, jnp.asarray(w_out))
     run = jax.jit(lambda x, m, r, w: expert_parallel.ragged_dispatch_combine(
         x, m, r, w, buffer_factor=0.5, grouped_matmul='ragged_dot'))

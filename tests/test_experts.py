@@ -12,7 +12,7 @@ from moejax.errors import ConfigError
 from moejax.model import transformer as model
 from moejax.moe import dispatch, experts, grouped
 from moejax.moe.block import MoEBlock
-from moejax.moe.routing import Routing
+from moejax.moe.routing import TokenChoice
 from tests.helpers import tiny_config
 
 nnx.use_eager_sharding(False)
@@ -139,7 +139,7 @@ def random_routing(seed, k, num_experts, g, s):
     expert = np.stack([np.stack([rng.choice(num_experts, k, replace=False) for _ in range(s)])
                        for _ in range(g)]).astype(np.int32)
     gate = rng.uniform(0.1, 1.0, size=(g, s, k)).astype(np.float32)
-    return Routing(jnp.asarray(expert), jnp.asarray(gate), None, None, None, {}, {})
+    return TokenChoice(jnp.asarray(expert), jnp.asarray(gate), {}, {})
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

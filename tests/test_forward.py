@@ -170,8 +170,9 @@ def test_forward_cli_logits_equal_an_independently_restored_model(trained, tmp_p
         'step': 10, 'shape': [3, 17, vocab], 'out': out}
     logits_BTV = np.load(out)
     assert logits_BTV.dtype == np.float32 and logits_BTV.shape == (3, 17, vocab)
+    # float32 rounding may differ with the rows each device gets (the CLI pads 3 rows to 8)
     np.testing.assert_allclose(logits_BTV, reference_logits(trained, ids_BT),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
     assert os.listdir(tmp_path / 'new_dir') == ['logits.npy']  # no temporary file left
 
 
@@ -185,7 +186,7 @@ def test_forward_cli_step_flag_and_one_dimensional_tokens(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])['step'] == 5
     at_5 = reference_logits(trained, ids_T[None], step=5)
-    np.testing.assert_allclose(np.load(out), at_5, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.load(out), at_5, rtol=1e-5, atol=1e-5)
     assert np.abs(at_5 - reference_logits(trained, ids_T[None])).max() > 1e-3  # 5 != 10
 
 
@@ -265,6 +266,11 @@ def bad_tokens(tmp_path, case: str) -> str:
     if case == 'not_npy':
         with open(path, 'w') as f:
             f.write('1 2 3\n')
+    elif case == 'forged_header':  # declares 4 TiB of ids (issue 24, finding 2): never allocated
+        with open(path, 'wb') as f:
+            np.lib.format.write_array_header_1_0(
+                f, {'descr': '<i4', 'fortran_order': False, 'shape': (1, 2**40)})
+            f.write(bytes(16))
     else:
         np.save(path, arrays[case])
     return path
@@ -276,6 +282,7 @@ def bad_tokens(tmp_path, case: str) -> str:
     ('rank_3', '[1, 2, 4]'), ('empty', 'not empty'),
     ('id_too_large', f'[0, {TINY.data.vocab_size})'), ('negative_id', '[-1, 3]'),
     ('too_long', f'exceed model.max_len={TINY.model.max_len}'),
+    ('forged_header', 'declares [1, 1099511627776] int32 values'),
 ])
 def test_bad_tokens_are_one_line_naming_the_flag(trained, tmp_path, case, shown):
     proc = run_cli('forward', f'--workdir={trained}', f'--tokens={bad_tokens(tmp_path, case)}',

@@ -140,7 +140,7 @@ def test_ffn_blocks_rules(monkeypatch):
 @pytest.mark.parametrize('gated', [False, True])
 def test_expert_ffn_block_loops_equal_einsums(gated, monkeypatch):
     """Capacity buffers through the CPU block loops (several block sizes) and through einsums."""
-    w = dispatch.ExpertWeights(*weights(5, 3, gated))
+    w = experts.ExpertWeights(*weights(5, 3, gated))
     x_GECD = jax.random.normal(jax.random.key(6), (2, 3, 24, D))
     monkeypatch.setattr(grouped, 'CPU_BLOCKS', (16, 8))
     assert grouped.ffn_blocks(2 * 24) == (16, 8)

@@ -217,6 +217,13 @@ def mixtral_style_sentencepiece() -> bytes:
     return model.getvalue()
 
 
+def import_tokenizer(hf_dir: str, workdir: str) -> str | None:
+    """What an import does with a model directory's tokenizer; the kind it found."""
+    kind, tokenizer = hf_tokenizer_io.find_tokenizer(hf_dir, vocab_size=10**6)
+    hf_tokenizer_io.import_tokenizer(hf_dir, workdir, tokenizer)
+    return kind
+
+
 def test_sentencepiece_with_mixtral_ids(tmp_path):
     proto = mixtral_style_sentencepiece()
     with pytest.raises(ConfigError, match='0/1/2'):  # moejax's own models keep the check
@@ -225,7 +232,7 @@ def test_sentencepiece_with_mixtral_ids(tmp_path):
     hf_dir.mkdir()
     (hf_dir / 'tokenizer.model').write_bytes(proto)
     (hf_dir / 'config.json').write_text('{"bos_token_id": 1, "eos_token_id": 2}')
-    assert hf_tokenizer_io.import_tokenizer(str(hf_dir), str(tmp_path / 'work')) == 'sentencepiece'
+    assert import_tokenizer(str(hf_dir), str(tmp_path / 'work')) == 'sentencepiece'
     ours = data.load_tokenizer(str(tmp_path / 'work'))
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # pad: eos, as documented
     sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -256,8 +263,8 @@ def test_moejax_sentencepiece_keeps_its_cache_name(tmp_path):
 def test_import_and_export_round_trip(tmp_path, qwen_like):
     path, tok = qwen_like
     work, out = str(tmp_path / 'work'), str(tmp_path / 'out')
-    assert hf_tokenizer_io.import_tokenizer(str(tmp_path), work) is None  # no tokenizer there
-    assert hf_tokenizer_io.import_tokenizer(path, work) == 'hf'
+    assert import_tokenizer(str(tmp_path), work) is None  # no tokenizer there
+    assert import_tokenizer(path, work) == 'hf'
     assert hf_tokenizer_io.export_tokenizer(work, out) == 'hf'
     assert open(os.path.join(out, 'tokenizer.json'), 'rb').read() == open(
         os.path.join(path, 'tokenizer.json'), 'rb').read()
@@ -266,7 +273,7 @@ def test_import_and_export_round_trip(tmp_path, qwen_like):
     assert (config['bos_token'], config['eos_token'], config['pad_token']) == (
         None, '<|im_end|>', '<|endoftext|>')  # bos was derived, not found: left as it was
     reimported = str(tmp_path / 'again')
-    hf_tokenizer_io.import_tokenizer(out, reimported)
+    import_tokenizer(out, reimported)
     assert data.load_tokenizer(reimported).ids == data.load_tokenizer(work).ids
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 
 import pytest
 
+from moejax.data import stdlib_corpus
 from moejax.run import workdir as workdir_lib
 from tests.helpers import REPO, tiny_config
 
@@ -131,6 +133,38 @@ def test_config_that_changes_the_saved_state_is_refused_and_nothing_is_touched(
 
 
 @pytest.mark.slow
+def test_a_finished_run_says_so_and_names_the_command_that_extends_it(finished, data_dir,
+                                                                      cache_dir, tmp_path):
+    """Issue 29: the start banner says what runs; rerunning a finished run says it is finished
+    and gives the command that extends it, and that command does."""
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(finished, workdir)
+    result = train(workdir, data_dir, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f'moejax: training configs/default.py:tiny with 2 override(s) in '
+                        f'{workdir} (already finished)')
+    assert lines[1].startswith('  model: 2 layers, d_model 32, 1 MoE layer(s) of 4 experts')
+    assert lines[2] == '  devices: 8 x cpu in 1 process(es); mesh data=8 fsdp=1 expert=1 tensor=1'
+    digest = stdlib_corpus.stdlib_manifest().digest[:16]
+    assert lines[3] == (f'  data: python_stdlib (digest {digest}), byte tokenizer of 259 ids; '
+                        '8 x 32 = 256 tokens per step')
+    assert lines[4].startswith('  steps: 10 -> 10; adamw')
+    finished_line = 'The run is finished: step 10 of train.num_steps=10, checkpoint saved. To ' \
+                    'train further, raise train.num_steps: '
+    assert lines[-1].startswith(finished_line)
+    command = shlex.split(lines[-1][len(finished_line):])
+    assert command[:2] == ['python', 'launch/train.py'] and command[-1] == \
+        '--config.train.num_steps=20'
+    extended = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env(cache_dir),
+                              capture_output=True, text=True, timeout=300)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f'moejax: training configs/default.py:tiny with 3 override(s) in {workdir} ' \
+           '(resuming from step 10)' in extended.stdout.splitlines()
+    assert [r['step'] for r in train_records(workdir)] == list(range(1, 21))
+
+
+@pytest.mark.slow
 def test_all_checkpoints_damaged_is_refused_unless_restart(finished, data_dir, cache_dir,
                                                            tmp_path):
     workdir = str(tmp_path / 'run')
@@ -183,6 +217,8 @@ def test_guard_keeps_names_and_resumes_from_the_last_good_checkpoint(data_dir, c
     assert f'The last good checkpoint is step {good};' in lines[0]
     assert workdir_lib.saved_steps(workdir) == [good]
     assert glob.glob(os.path.join(workdir, 'diverged_checkpoints', f'{first_skipped - 1}-*'))
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        diverged = [line for line in f if json.loads(line)['step'] > good]
 
     # Resume with a sane lr: from the good step, exactly as a run that switched lr there.
     sane = ('--config.opt.lr=1e-3',)
@@ -190,6 +226,13 @@ def test_guard_keeps_names_and_resumes_from_the_last_good_checkpoint(data_dir, c
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Resumed from checkpoint at step {good}.' in result.stdout
     assert 'opt.lr 1000000.0 -> 0.001' in result.stdout
+    # The diverged steps' records, cut from metrics.jsonl by the resume, are kept beside the
+    # diverged checkpoint, as the message said (issue 24, finding 7).
+    [copy] = glob.glob(os.path.join(workdir, 'diverged_checkpoints',
+                                    f'metrics_after_step_{good}-*.jsonl'))
+    assert f'were copied to {copy}' in lines[0]
+    with open(copy) as f:
+        assert f.readlines() == diverged and len(diverged) >= 3
 
     reference = str(tmp_path / 'reference')
     first = train(reference, data_dir, cache_dir, *DIVERGING, f'--config.train.num_steps={good}')
@@ -197,7 +240,6 @@ def test_guard_keeps_names_and_resumes_from_the_last_good_checkpoint(data_dir, c
     second = train(reference, data_dir, cache_dir, *DIVERGING, *sane)
     assert second.returncode == 0, second.stderr[-3000:]
     assert train_records(workdir) == train_records(reference)
-    assert not any(r['skipped'] for r in train_records(workdir))
 
 
 # -------------------------------------------------------------- finding 3: the workdir lock

@@ -16,6 +16,7 @@ from flax import nnx
 
 from moejax import config, data, mesh
 from moejax.moe import dispatch as D
+from moejax.moe import experts
 from moejax.moe import routing as R
 from moejax.run import evaluate
 from moejax.run import state as state_lib
@@ -84,12 +85,12 @@ def buffers_of(engine, routing, capacity, num_experts=4):
     x_GSD = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32), (g, s, s))
     seen = []
 
-    def experts(w, x_GECD):
+    def recording_experts(w, x_GECD):
         seen.append(np.asarray(x_GECD))
         return jnp.zeros_like(x_GECD)
-    w = D.ExpertWeights(jnp.zeros((num_experts, s, 1)), None, jnp.zeros((num_experts, 1, s)))
+    w = experts.ExpertWeights(jnp.zeros((num_experts, s, 1)), None, jnp.zeros((num_experts, 1, s)))
     D.dispatch_combine(x_GSD, None, routing, w, engine=engine, capacity=capacity,
-                       experts=experts, num_experts=num_experts)
+                       experts=recording_experts, num_experts=num_experts)
     x_GECS = seen[0]
     return np.where(x_GECS.sum(-1) > 0, x_GECS.argmax(-1), -1)
 
@@ -312,8 +313,8 @@ def test_dropped_assignments_and_tokens_left_behind_hand_example():
     expert = jnp.asarray([[[0, 1], [0, 1], [0, 1], [1, 0]]], jnp.int32)
     gate = jnp.full((1, 4, 2), 0.5)
     mask = jnp.asarray([[True, True, True, False]])
-    r = R.Routing(expert, gate, None, None, None, {}, {})
-    w = D.ExpertWeights(jnp.ones((2, 3, 5)), None, jnp.ones((2, 5, 3)))
+    r = R.TokenChoice(expert, gate, {}, {})
+    w = experts.ExpertWeights(jnp.ones((2, 3, 5)), None, jnp.ones((2, 5, 3)))
     x = jnp.ones((1, 4, 3))
     for engine in ('einsum', 'sort'):
         _, dropped = D.dispatch_combine(x, mask, r, w, engine=engine, capacity=1)

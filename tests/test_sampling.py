@@ -1,6 +1,8 @@
 """Cached sampling against recomputing the full forward; eval and generate from checkpoints."""
 import json
 import math
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +11,10 @@ import pytest
 from flax import nnx
 
 from moejax import data as data_lib
+from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
 from moejax.readers import evaluation, sampling, saved_run
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import mounted_tmpfs, run_cli, tiny_config
 
 
 def make_model(cfg, seed=0):
@@ -38,7 +41,7 @@ def greedy_without_cache(model, prompt_BP, num_new):
     return seq_BL[:, P:], np.stack(logits, axis=1)
 
 
-# Configurations whose full forward never drops a token (see model.moe_by_row): then cached
+# Configurations whose full forward never drops a token (see MoEBlock.decode): then cached
 # decoding (one token per routing group) must give the full forward's logits exactly.
 NO_DROP_CASES = {
     'switch_no_capacity_limit': dict(eval_capacity_factor=0.0),
@@ -63,7 +66,7 @@ def test_cached_greedy_decoding_equals_full_forward(case):
 def test_prefill_routes_the_prompt_like_the_full_forward_even_when_it_drops():
     """With a short eval capacity the forward drops tokens; prefill uses the same groups (the
     prompt), so the first token's logits still match. Later tokens are decoded one per group
-    (never dropped), which is where the two may part (documented in model.moe_by_row)."""
+    (never dropped), which is where the two may part (documented in MoEBlock.decode)."""
     cfg = tiny_config(eval_capacity_factor=0.5)
     model = make_model(cfg)
     prompt_BP = np.random.default_rng(1).integers(3, cfg.data.vocab_size, (2, 12))
@@ -131,10 +134,13 @@ def test_eval_cli_writes_perplexity_of_a_saved_step(trained):
     proc = run_cli('eval', '--config=configs/default.py:tiny', f'--workdir={workdir}',
                    f'--config.data.data_dir={cfg.data.data_dir}', '--split=validation', '--step=5')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
     with open(f'{workdir}/eval_validation_5.json') as f:
         saved = json.load(f)
-    assert printed == saved
+    # One readable line, as training prints its evaluations, naming the file it wrote.
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f'eval at step 5 on validation: loss {saved["loss"]:.4f} | perplexity '
+        f'{saved["perplexity"]:.2f} | bits/byte {saved["bits_per_byte"]:.4f} | '
+        f'{saved["tokens"]:,} tokens (written to {workdir}/eval_validation_5.json)')
     assert saved['step'] == 5 and saved['split'] == 'validation'
     assert saved['perplexity'] == pytest.approx(math.exp(saved['loss']), rel=1e-9)
     # Tokens counted: every real target token of the eval batches, counted independently.
@@ -165,6 +171,27 @@ def test_eval_any_step_and_split_on_any_mesh(trained):
     assert moved['loss'] == pytest.approx(at[10]['loss'], rel=1e-5, abs=1e-5)
     assert moved['tokens'] == at[10]['tokens']
     np.testing.assert_allclose(moved['expert_load'], at[10]['expert_load'], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_of_a_read_only_workdir_writes_its_result_to_out_dir(trained, tmp_path):
+    """Issue 24, finding 12: a reader needs nothing written into the run; the result file goes
+    to --out_dir, and without it the refusal says so, before anything is evaluated."""
+    workdir, cfg = trained
+    expected = evaluation.evaluate_checkpoint(cfg, workdir, 'validation', 5)
+    with mounted_tmpfs(tmp_path / 'mount', size='64m') as mount:
+        shutil.copytree(workdir, mount / 'run')
+        subprocess.run(['mount', '-o', 'remount,ro', str(mount)], check=True)
+        with pytest.raises(ConfigError, match='cannot hold the result .Read-only file system.; '
+                                              'pass --out_dir'):
+            evaluation.evaluate_checkpoint(cfg, str(mount / 'run'), 'validation', 5)
+        out = tmp_path / 'out'
+        result = evaluation.evaluate_checkpoint(cfg, str(mount / 'run'), 'validation', 5,
+                                                out_dir=str(out))
+    assert result['file'] == str(out / 'eval_validation_5.json')
+    assert {k: v for k, v in result.items() if k != 'file'} == json.loads(
+        (out / 'eval_validation_5.json').read_text())
+    assert result['loss'] == expected['loss'] and result['tokens'] == expected['tokens']
 
 
 @pytest.mark.slow

@@ -149,9 +149,9 @@ def test_scan_needs_whole_periods():
         config_lib.validate(cfg, 1)
     cfg.model.scan_layers = None  # auto: too shallow and uneven, so unrolled
     config_lib.validate(cfg, 1)
-    assert not model_lib.scans_layers(cfg)
+    assert not config_lib.scans_layers(cfg)
     cfg.model.update(num_layers=8)
-    assert model_lib.scans_layers(cfg)
+    assert config_lib.scans_layers(cfg)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ Typical use: `check_data(cfg)` before compiling; `tok = get_tokenizer(cfg, workd
 """
 from moejax.data.hf_tokenizer import HFTokenizer
 from moejax.data.pipeline import BatchSource, check_data, eval_batches, train_batches
+from moejax.data.sources import describe
 from moejax.data.tokenizer import (
            ByteTokenizer,
            SentencePieceTokenizer,
@@ -15,4 +16,5 @@ from moejax.data.tokenizer import (
 )
 
 __all__ = ['BatchSource', 'ByteTokenizer', 'HFTokenizer', 'SentencePieceTokenizer', 'Tokenizer',
-           'check_data', 'eval_batches', 'get_tokenizer', 'load_tokenizer', 'saved_kind', 'train_batches']
+           'check_data', 'describe', 'eval_batches', 'get_tokenizer', 'load_tokenizer',
+           'saved_kind', 'train_batches']

@@ -17,7 +17,7 @@ import tempfile
 import grain
 import numpy as np
 
-from moejax.data import corpus
+from moejax.data import corpus, sources, text_files
 from moejax.data import tokenizer as tokenizer_lib
 from moejax.errors import ConfigError
 
@@ -89,7 +89,8 @@ def _rows(flat_3RT: np.ndarray) -> np.ndarray:
 
 
 def _text_chunks(docs: corpus.Documents):
-    """Non-empty documents in the fixed PACK_SEED order, in lists of about CHUNK_CHARS."""
+    """(non-empty documents in the fixed PACK_SEED order, in lists of about CHUNK_CHARS; how
+    many documents were read so far)."""
     order = np.random.default_rng(PACK_SEED).permutation(len(docs))
     chunk, chars = [], 0
     for start in range(0, len(order), 512):
@@ -98,26 +99,29 @@ def _text_chunks(docs: corpus.Documents):
                 chunk.append(text)
                 chars += len(text)
         if chars >= CHUNK_CHARS:
-            yield chunk
+            yield chunk, min(start + 512, len(order))
             chunk, chars = [], 0
     if chunk:
-        yield chunk
+        yield chunk, len(order)
 
 
-def _write_packed(docs, tokenizer, seq_len: int, directory: str, dtype) -> None:
-    """Pack every document of a split into directory/rows.bin (+ meta.json), atomically."""
+def _write_packed(docs, tokenizer, seq_len: int, directory: str, dtype, what: str) -> None:
+    """Pack every document of a split into directory/rows.bin (+ meta.json), atomically,
+    reporting progress as `what`."""
     bos, eos = np.int32([tokenizer.bos_id]), np.int32([tokenizer.eos_id])
     parent = os.path.dirname(directory)
     tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp-')
     packer, num_rows, num_targets = Packer(seq_len), 0, 0
+    progress = corpus.Progress(what, len(docs), 'documents')
     try:
         with open(os.path.join(tmp, 'rows.bin'), 'wb') as f:
-            for texts in _text_chunks(docs):
+            for texts, read in _text_chunks(docs):
                 ids = tokenizer_lib.encode_batch(tokenizer, texts)
                 rows = packer.add([np.concatenate([bos, x, eos]) for x in ids])
                 f.write(rows.astype(dtype).tobytes())
                 num_rows += len(rows)
                 num_targets += sum(len(x) + 1 for x in ids)
+                progress.update(read, f', {num_targets:,} tokens')
             rows = packer.finish()
             f.write(rows.astype(dtype).tobytes())
             num_rows += len(rows)
@@ -130,6 +134,8 @@ def _write_packed(docs, tokenizer, seq_len: int, directory: str, dtype) -> None:
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    progress.finish(f'{len(docs):,} documents, {num_targets:,} tokens in {num_rows:,} rows of '
+                    f'{seq_len}')
 
 
 def _tokenizer_identity(tokenizer) -> str:
@@ -146,7 +152,7 @@ def _tokenizer_identity(tokenizer) -> str:
 def packed_rows(cfg, tokenizer, split: str) -> np.ndarray:
     """The split packed to [num_rows, 4 (FIELDS), seq_len], memory-mapped from its cache."""
     seq_len = cfg.data.seq_len
-    docs = corpus.open_split(cfg, split)
+    docs = sources.open_split(cfg, split)
     split_name = re.sub(r'[^A-Za-z0-9_.-]', '_', split)
     if split_name != split:  # e.g. 'train[:10%]': keep distinct slices apart
         split_name += '-' + hashlib.sha256(split.encode()).hexdigest()[:8]
@@ -157,7 +163,8 @@ def packed_rows(cfg, tokenizer, split: str) -> np.ndarray:
         with corpus.file_lock(directory):
             if not os.path.exists(meta_path):
                 small = max(tokenizer.vocab_size, seq_len + 1) <= np.iinfo(np.uint16).max + 1
-                _write_packed(docs, tokenizer, seq_len, directory, np.uint16 if small else np.int32)
+                _write_packed(docs, tokenizer, seq_len, directory, np.uint16 if small else np.int32,
+                              f'packing {cfg.data.name} {split}')
     with open(meta_path) as f:
         meta = json.load(f)
     if meta['num_rows'] == 0:
@@ -272,9 +279,9 @@ def check_data(cfg) -> None:
     if name == 'text_files':
         _require(d.get('text_format') in ('files', 'lines'), 'data.text_format',
                  d.get('text_format'), "use 'files' (a document per file) or 'lines'")
-        corpus.text_file_paths(cfg)
+        text_files.text_file_paths(cfg)
     elif name != 'python_stdlib':
-        corpus.tfds_builder(cfg)  # registered and prepared in data_dir
+        sources.tfds_builder(cfg)  # registered and prepared in data_dir
     kind, vocab = d.get('tokenizer'), d.get('vocab_size')
     _require(_is_int(vocab), 'data.vocab_size', vocab, 'must be an integer')
     tokenizer_lib.check_settings(kind, d.get('tokenizer_path'), vocab)

@@ -16,7 +16,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from moejax.data import corpus
+from moejax.data import corpus, sources
 from moejax.data import hf_tokenizer as hf
 from moejax.data.hf_tokenizer import HFTokenizer
 from moejax.errors import ConfigError
@@ -27,9 +27,17 @@ BYTE_VOCAB = BYTE_OFFSET + 256   # smallest byte vocabulary
 MIN_SENTENCEPIECE_VOCAB = 300    # 4 special ids + 256 byte pieces + the corpus's characters
 SAMPLE_CHARS = 4_000_000         # SentencePiece trains on this much of the train split
 SAMPLE_SEED = 0                  # which documents form that sample
+# Its training time, for the ETA: ~40 s for 4M characters on 2 busy cores (measured); the
+# trainer's threads help up to about 4 cores.
+SENTENCEPIECE_CORE_SECONDS_PER_MCHAR = 20
 MAX_TRAIN_PIECE = 4096           # long documents are fed to the trainer in chunks of lines
 SPACE = '\u2581'                 # SentencePiece's visible space
-KINDS = ('sentencepiece', 'byte', 'hf')
+KINDS = ('sentencepiece', 'byte', 'hf', 'none')
+NO_TOKENIZER = ('the run has no tokenizer (its model directory had no tokenizer files), so it '
+                'cannot read or write text; forward and eval --tokens take token ids. To give it '
+                'one, import the model again from a directory holding tokenizer.json or '
+                'tokenizer.model, or fine-tune it with --config.data.tokenizer=hf '
+                '--config.data.tokenizer_path=DIR')
 
 
 class Tokenizer(Protocol):
@@ -223,7 +231,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
 
 def _training_sample(cfg) -> Iterator[str]:
     """About SAMPLE_CHARS of train-split documents, in a fixed shuffled order."""
-    docs = corpus.open_split(cfg, 'train')
+    docs = sources.open_split(cfg, 'train')
     order = np.random.default_rng(SAMPLE_SEED).permutation(len(docs))
     total = 0
     for start in range(0, len(order), 256):
@@ -236,12 +244,20 @@ def _training_sample(cfg) -> Iterator[str]:
 
 def _cached_sentencepiece(cfg) -> SentencePieceTokenizer:
     """Load the model cached for (dataset, vocab_size), or train and cache it atomically."""
-    key = corpus.open_split(cfg, 'train').key
+    key = sources.open_split(cfg, 'train').key
     path = os.path.join(corpus.cache_dir(cfg, 'tokenizers'), f'{key}-sp{cfg.data.vocab_size}.model')
     with corpus.file_lock(path):
         if not os.path.exists(path):
+            cores = os.cpu_count() or 1
+            eta = SAMPLE_CHARS / 1e6 * SENTENCEPIECE_CORE_SECONDS_PER_MCHAR / min(cores, 4)
+            corpus.say(f'training a SentencePiece tokenizer ({cfg.data.vocab_size:,} pieces) on '
+                       f'~{SAMPLE_CHARS / 1e6:.0f}M characters of the {cfg.data.name} train '
+                       f'split, once (cached in {os.path.dirname(path)}); ETA ~{eta:.0f}s on '
+                       f'{cores} cores')
+            progress = corpus.Progress('tokenizer', 1, 'model')
             model = train_sentencepiece(_training_sample(cfg), cfg.data.vocab_size)
             corpus.atomic_write(path, model)
+            progress.finish('trained')
         with open(path, 'rb') as f:
             return SentencePieceTokenizer(f.read(), cfg.data.vocab_size, path, strict=True)
 
@@ -299,8 +315,9 @@ def _given_path(cfg) -> str:
     return path
 
 
-def get_tokenizer(cfg, workdir: str | None = None) -> Tokenizer:
-    """The run's tokenizer: the one saved in workdir if any (resume), else built and saved."""
+def get_tokenizer(cfg, workdir: str | None = None, *, save: bool = True) -> Tokenizer:
+    """The run's tokenizer: the one saved in workdir if any (resume), else built and saved
+    there (unless save is False: readers write nothing into a run's directory)."""
     kind, vocab_size = cfg.data.tokenizer, cfg.data.vocab_size
     saved = saved_kind(workdir) if workdir else None
     if saved is not None:
@@ -309,6 +326,8 @@ def get_tokenizer(cfg, workdir: str | None = None) -> Tokenizer:
                               f'that a resumed run must keep; set data.tokenizer={saved} '
                               'or use a new workdir')
         return load_tokenizer(workdir, vocab_size)
+    if kind == 'none':
+        raise ConfigError('data.tokenizer', kind, NO_TOKENIZER)
     if kind == 'byte':
         tokenizer = ByteTokenizer(vocab_size)
     elif kind == 'hf':
@@ -319,7 +338,7 @@ def get_tokenizer(cfg, workdir: str | None = None) -> Tokenizer:
         tokenizer = _cached_sentencepiece(cfg)
     else:
         raise ConfigError('data.tokenizer', kind, 'use one of: ' + ', '.join(KINDS))
-    if workdir:
+    if workdir and save:
         tokenizer.save(workdir)
     return tokenizer
 
@@ -330,6 +349,8 @@ def check_settings(kind, path, vocab_size: int) -> None:
     'hf' without a path is left to get_tokenizer: the workdir may already hold one."""
     if kind not in KINDS:
         raise ConfigError('data.tokenizer', kind, 'use one of: ' + ', '.join(KINDS))
+    if kind == 'none':
+        raise ConfigError('data.tokenizer', kind, NO_TOKENIZER)
     if kind == 'byte':
         if vocab_size < BYTE_VOCAB:
             raise ConfigError('data.vocab_size', vocab_size, f'the byte tokenizer needs >= '

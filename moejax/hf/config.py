@@ -8,24 +8,81 @@ Export picks the family that expresses the moejax model exactly, or refuses and 
 """
 import json
 import os
+import re
 
 from moejax import config as config_lib
 from moejax.errors import ConfigError
+from moejax.hf import tensors as tensors_lib
 
 FAMILIES = {'MixtralForCausalLM': 'mixtral', 'Qwen2MoeForCausalLM': 'qwen2_moe',
-            'Qwen3MoeForCausalLM': 'qwen3_moe'}
+            'Qwen3MoeForCausalLM': 'qwen3_moe',
+            'DeepseekV3ForCausalLM': 'deepseek_v3'}  # moejax/hf/deepseek.py
 ARCHITECTURE = {family: arch for arch, family in FAMILIES.items()}
 
 
-def read_hf_json(hf_dir: str, name: str = 'config.json') -> dict:
-    path = os.path.join(hf_dir, name)
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        reason = getattr(err, 'strerror', None) or str(err).splitlines()[0][:100]
-        raise ConfigError('--from_hf', hf_dir, f'{name} is not readable ({reason}); give a '
-                          'directory written by save_pretrained') from None
+def read_hf_json(hf_dir: str) -> dict:
+    """The directory's config.json, with every field moejax reads of the kind it must be."""
+    if not os.path.isdir(hf_dir):
+        raise ConfigError('--from_hf', hf_dir, 'is not a directory: give one written by '
+                          'save_pretrained')
+    hf = tensors_lib.read_json(hf_dir, 'config.json')
+    if hf is None:
+        raise ConfigError('--from_hf', hf_dir, 'holds no config.json; give a directory written '
+                          'by save_pretrained')
+    if not isinstance(hf, dict):
+        raise ConfigError('--from_hf', hf_dir, f'config.json holds a {type(hf).__name__}, not '
+                          'a JSON object')
+    _check_fields(hf, hf_dir)
+    return hf
+
+
+# config.json fields moejax reads: sizes are positive integers (below MAX_SIZE), the rest numbers
+REQUIRED_SIZES = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+                  'vocab_size', 'num_experts_per_tok')
+OPTIONAL_SIZES = ('num_key_value_heads', 'head_dim', 'max_position_embeddings',
+                  'moe_intermediate_size', 'decoder_sparse_step', 'num_local_experts',
+                  'num_experts')
+OPTIONAL_NUMBERS = ('rms_norm_eps', 'router_aux_loss_coef', 'router_jitter_noise', 'rope_theta',
+                    'shared_expert_intermediate_size', 'sliding_window')
+MAX_SIZE = 1 << 31
+
+
+def _check_fields(hf: dict, hf_dir: str) -> None:
+    for name in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = hf.get(name)
+        if value is None and name in OPTIONAL_SIZES:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and
+                1 <= value < MAX_SIZE):
+            _refuse(hf_dir, name, value, 'must be a positive integer' if name in hf else
+                    'is required (a Mixtral, Qwen2-MoE or Qwen3-MoE config sets it)')
+    for name in OPTIONAL_NUMBERS:
+        value = hf.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and
+                                      not isinstance(value, bool) and 0 <= value < MAX_SIZE):
+            _refuse(hf_dir, name, value, 'must be a number >= 0')
+    layers = hf.get('mlp_only_layers') or []
+    if not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        _refuse(hf_dir, 'mlp_only_layers', layers, 'must be a list of layer indices')
+    if not isinstance(hf.get('rope_parameters') or hf.get('rope_scaling') or {}, dict):
+        _refuse(hf_dir, 'rope_parameters', hf.get('rope_parameters'), 'must be an object')
+
+
+LAYER = re.compile(r'^model\.layers\.(\d+)\.')
+EXPERT = re.compile(r'\.experts\.(\d+)\.')
+
+
+def check_counts(hf: dict, names: set, hf_dir: str) -> None:
+    """config.json's layer and expert counts against the tensors present, before any list of
+    per-layer, per-expert tensors is built: a count edited upward must not cost memory."""
+    layers = {int(m.group(1)) for m in map(LAYER.match, names) if m}
+    experts = {int(m.group(1)) for m in map(EXPERT.search, names) if m}
+    if hf['num_hidden_layers'] != len(layers):
+        _refuse(hf_dir, 'num_hidden_layers', hf['num_hidden_layers'],
+                f'the weights hold {len(layers)} layers')
+    for field in ('num_local_experts', 'num_experts'):
+        if hf.get(field) and hf[field] != len(experts):
+            _refuse(hf_dir, field, hf[field], f'the weights hold {len(experts)} experts')
 
 
 def family_of(hf: dict, hf_dir: str) -> str:

@@ -8,8 +8,6 @@
   expert a copy of its layer's dense FFN, the router near zero, so the step-0 loss is the dense one.
 """
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,8 @@ from moejax import config as config_lib
 from moejax import mesh as mesh_lib
 from moejax.errors import ConfigError
 from moejax.hf import config as hf_config
+from moejax.hf import deepseek, staging
+from moejax.hf import tensors as tensors_lib
 from moejax.hf import tokenizer as hf_tokenizer
 from moejax.hf import weights as hf_weights
 from moejax.model import transformer as model_lib
@@ -31,24 +31,16 @@ IGNORED_TENSORS = ('rotary_emb.inv_freq',)  # buffers older checkpoints saved; r
 UPCYCLE_ROUTER_STD = 1e-4  # x 1/sqrt(d_model): softmax gates equal to 1e-4, experts still apart
 
 
-def check_new_workdir(workdir: str) -> None:
-    """A conversion writes a new run: never into (or over) an existing one."""
-    config_lib.check_workdir(workdir)
-    for name in ('config.json', 'checkpoints'):
-        if os.path.exists(os.path.join(workdir, name)):
-            raise ConfigError('--workdir', workdir, f'already holds a run ({name}); nothing was '
-                              'changed: give a new or empty --workdir')
-
-
-def save_step0(cfg, workdir: str, build_params) -> int:
+def save_step0(cfg, workdir: str, build_params, build_extra=None) -> int:
     """Write config.json and a step-0 checkpoint: params from build_params(abstract params,
-    with shardings), zero extra state, a fresh optimizer state. Returns the parameter count."""
+    with shardings), extra state from build_extra (default: zeros; DeepSeek-V3's selection
+    biases), a fresh optimizer state. Returns the parameter count."""
     setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
     abstract = setup.abstract_state
     params = build_params(abstract.params)
     with jax.set_mesh(setup.mesh):
-        extra = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                             abstract.extra)
+        extra = build_extra(abstract.extra) if build_extra else jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), abstract.extra)
         opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
     state = state_lib.TrainState(jnp.zeros((), jnp.int32), params, extra, opt_state, rng)
@@ -74,46 +66,49 @@ def _fill(abstract_params, make):
 
 # ---- import -----------------------------------------------------------------------------------
 
-def import_hf(hf_dir: str, workdir: str, base_cfg) -> dict:
-    """HF_DIR -> a new workdir (see the module docstring); refusals are one-line ConfigErrors."""
+def import_hf(hf_dir: str, workdir: str, base_cfg, fp8_dtype: str = 'float32') -> dict:
+    """HF_DIR -> a new workdir (see the module docstring); refusals are one-line ConfigErrors.
+
+    Everything is checked before anything is written or allocated: the files (hf/tensors.py),
+    config.json against the tensors present, every tensor's shape and dtype, the tokenizer's
+    size against the vocabulary. The workdir is then built aside and renamed into place."""
     hf = hf_config.read_hf_json(hf_dir)
     family = hf_config.family_of(hf, hf_dir)
-    cfg = hf_config.to_moejax(hf, hf_dir, base_cfg)
-    tensors = hf_weights.Tensors(hf_dir)
-    all_leaves = hf_weights.leaves(cfg, family)
+    tensors = tensors_lib.Tensors(hf_dir)
+    extra_leaves = []
+    if family == deepseek.FAMILY:  # MLA, MTP layers, FP8 weights, selection biases
+        deepseek.check_counts(hf, tensors.names(), hf_dir)
+        cfg = deepseek.to_moejax(hf, hf_dir, base_cfg, tensors.names())
+        tensors = deepseek.Tensors(tensors, hf, cfg, fp8_dtype)
+        all_leaves, extra_leaves = deepseek.leaves(cfg), deepseek.bias_leaves(cfg)
+    else:
+        hf_config.check_counts(hf, tensors.names(), hf_dir)
+        cfg = hf_config.to_moejax(hf, hf_dir, base_cfg)
+        all_leaves = hf_weights.leaves(cfg, family)
     if hf.get('tie_word_embeddings') and 'lm_head.weight' not in tensors.names():
         # A tied head is the embedding; moejax's head is its own parameter, so it starts as a copy.
         all_leaves = [leaf._replace(names=np.array('model.embed_tokens.weight', object))
                       if leaf.path == ('head_DV',) else leaf for leaf in all_leaves]
-    hf_weights.check_shapes(tensors, all_leaves)
-    _refuse_unknown(tensors, all_leaves, hf_dir)
-    tokenizer_kind = _tokenizer_kind(hf_dir)
-    if tokenizer_kind:
-        cfg.data.tokenizer = tokenizer_kind
+    hf_weights.check_tensors(tensors, all_leaves + extra_leaves)
+    _refuse_unknown(tensors, all_leaves + extra_leaves, hf_dir)
+    kind, tokenizer = hf_tokenizer.find_tokenizer(hf_dir, cfg.data.vocab_size)
+    cfg.data.tokenizer, cfg.data.tokenizer_path = kind or 'none', None
     config_lib.validate(cfg, jax.device_count())
-    check_new_workdir(workdir)
-    by_path = {leaf.path: leaf for leaf in all_leaves}
+    by_path = {leaf.path: leaf for leaf in all_leaves + extra_leaves}
 
     def streamed(path, a):
         leaf = by_path[path]
         return jax.make_array_from_callback(
             a.shape, a.sharding, lambda index: hf_weights.read_slice(tensors, leaf, a.shape, index))
-    count = save_step0(cfg, workdir, lambda abstract: _fill(abstract, streamed))
-    if tokenizer_kind:
-        hf_tokenizer.import_tokenizer(hf_dir, workdir)
+    with staging.staged(workdir, '--workdir', lock=True) as tmp:
+        count = save_step0(cfg, tmp, lambda abstract: _fill(abstract, streamed),
+                           (lambda abstract: _fill(abstract, streamed)) if extra_leaves else None)
+        hf_tokenizer.import_tokenizer(hf_dir, tmp, tokenizer)
     return {'workdir': workdir, 'family': family, 'params': count, 'step': 0,
-            'tokenizer': tokenizer_kind}
+            'tokenizer': kind}
 
 
-def _tokenizer_kind(hf_dir: str) -> str | None:
-    """The data.tokenizer of the HF directory's tokenizer (import_hf_tokenizer's choice)."""
-    for name, kind in (('tokenizer.json', 'hf'), ('tokenizer.model', 'sentencepiece')):
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            return kind
-    return None
-
-
-def _refuse_unknown(tensors: hf_weights.Tensors, all_leaves, hf_dir: str) -> None:
+def _refuse_unknown(tensors: tensors_lib.Tensors, all_leaves, hf_dir: str) -> None:
     """A tensor no moejax parameter takes means a feature moejax lacks: refuse, naming it."""
     used = {name for leaf in all_leaves for name in leaf.names.flat}
     unknown = sorted(n for n in tensors.names() - used if not n.endswith(IGNORED_TENSORS))
@@ -127,33 +122,35 @@ def _refuse_unknown(tensors: hf_weights.Tensors, all_leaves, hf_dir: str) -> Non
 
 def export_hf(workdir: str, out_dir: str, step: int | None = None,
               max_shard_bytes: int = 5 << 30) -> dict:
-    """A run's step -> OUT_DIR in the published layout (float32), with its tokenizer."""
+    """A run's step -> OUT_DIR in the published layout (float32), with its tokenizer (a run
+    imported without one exports its weights alone), built aside and renamed into place."""
+    staging.check_target(os.path.abspath(out_dir), '--to_hf')  # before the weights are read
     run = saved_run.open_run(workdir, step)
-    family = hf_config.export_family(run.cfg)  # refusals come before anything is written
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ConfigError('--to_hf', out_dir, 'exists and is not empty; nothing was written: '
-                          'give a new directory')
-    params = nnx.state(run.model, nnx.Param).to_pure_dict()
+    if run.cfg.model.get('attention_kind', 'mha') == 'mla':
+        family = deepseek.FAMILY
+        deepseek.check_export(run.cfg)  # refusals come before anything is written
+        params = deepseek.export_state(nnx.state(run.model).to_pure_dict(), run.cfg)
+        all_leaves = (deepseek.leaves(run.cfg) + deepseek.bias_leaves(run.cfg)
+                      + deepseek.shared_copies(run.cfg))
+    else:
+        family = hf_config.export_family(run.cfg)  # refusals come before anything is written
+        params = nnx.state(run.model, nnx.Param).to_pure_dict()
+        all_leaves = hf_weights.leaves(run.cfg, family)
     items = []
-    for leaf in hf_weights.leaves(run.cfg, family):
+    for leaf in all_leaves:
         value = _path_value(params, leaf.path)
         for index, name in np.ndenumerate(leaf.names):
             items.append((name, leaf, value, index))
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.moejax-export-', dir=parent)
-    try:
+    with staging.staged(out_dir, '--to_hf', lock=False) as tmp:
         files = hf_weights.write_streamed(tmp, items, max_shard_bytes)
-        hf_tokenizer.export_tokenizer(workdir, tmp)
-        tok = run.tokenizer
-        ids = {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'pad_token_id': tok.pad_id}
-        hf_config.write_json(tmp, hf_config.from_moejax(run.cfg, ids))
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {'out': out_dir, 'family': family, 'step': run.step, 'files': len(files)}
+        kind = hf_tokenizer.export_tokenizer(workdir, tmp)
+        tok = run.tokenizer if kind else None
+        ids = {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id,
+               'pad_token_id': tok.pad_id} if tok else {}
+        hf_config.write_json(tmp, deepseek.from_moejax(run.cfg, ids) if family == deepseek.FAMILY
+                             else hf_config.from_moejax(run.cfg, ids))
+    return {'out': out_dir, 'family': family, 'step': run.step, 'files': len(files),
+            'tokenizer': kind}
 
 
 def _path_value(tree: dict, path: tuple):
@@ -177,14 +174,20 @@ def upcycle(dense_workdir: str, workdir: str, cfg, step: int | None = None) -> d
     as Megatron-Core's upcycling does) so the experts' weighted sum is the dense FFN again;
     renormalised gates need nothing. Equal losses assume no token is dropped (dropless, or a
     capacity factor <= 0)."""
-    dense = saved_run.open_run(dense_workdir, step)
+    saved_run.check_workdir(dense_workdir)
     cfg = cfg.copy_and_resolve_references()
-    _check_upcycle(dense.cfg, cfg)
+    dense_cfg = saved_run.run_config(dense_workdir)
+    if dense_cfg.model.moe_every:  # checked before the dense weights are read
+        raise ConfigError('--upcycle_from', dense_workdir, 'is an MoE run (model.moe_every='
+                          f'{dense_cfg.model.moe_every}); upcycling makes experts of a dense '
+                          "run's FFNs: give a run with model.moe_every=0")
+    _check_upcycle(dense_cfg, cfg)
     e = cfg.moe
     if e.gate_norm == 'raw' or (e.gate_norm == 'auto' and e.top_k == 1):
         e.routed_scaling_factor = e.routed_scaling_factor * e.num_experts / e.top_k
     config_lib.validate(cfg, jax.device_count())
-    check_new_workdir(workdir)
+    staging.check_target(os.path.abspath(workdir), '--workdir')
+    dense = saved_run.open_run(dense_workdir, step, cfg=dense_cfg)
     flat = upcycled_params(nnx.state(model_lib.unrolled_model(dense.model, dense.cfg),
                                      nnx.Param).to_pure_dict(), cfg)
     if config_lib.scans_layers(cfg):
@@ -195,8 +198,9 @@ def upcycle(dense_workdir: str, workdir: str, cfg, step: int | None = None) -> d
         arrays = jax.tree.map(lambda a, v: jax.device_put(np.asarray(v, a.dtype), a.sharding),
                               pure, flat)
         return _fill(abstract, lambda path, a: _path_value(arrays, path))
-    count = save_step0(cfg, workdir, place)
-    dense.tokenizer.save(workdir)
+    with staging.staged(workdir, '--workdir', lock=True) as tmp:
+        count = save_step0(cfg, tmp, place)
+        dense.tokenizer.save(tmp)
     return {'workdir': workdir, 'from': dense_workdir, 'dense_step': dense.step, 'params': count,
             'step': 0, 'routed_scaling_factor': e.routed_scaling_factor}
 

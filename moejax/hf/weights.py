@@ -10,15 +10,17 @@ into the parameters' device shardings (jax.make_array_from_callback) and never h
 """
 import json
 import os
+import re
 from typing import NamedTuple
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from moejax import config as config_lib
 from moejax.errors import ConfigError
+from moejax.hf.tensors import Tensors, check_dtype
 from moejax.model import transformer as model_lib
 
 # moejax expert weight -> each family's per-expert tensor (MoE block prefix, weight names)
@@ -141,48 +143,12 @@ def leaves(cfg, family: str) -> list[Leaf]:
     return out
 
 
-class Tensors:
-    """The tensors of a safetensors checkpoint directory (one file, or shards with an index),
-    opened lazily and memory-mapped: reading one tensor reads only its bytes."""
-
-    def __init__(self, hf_dir: str):
-        self.hf_dir = hf_dir
-        self._files, self._open = {}, {}
-        index = os.path.join(hf_dir, 'model.safetensors.index.json')
-        if os.path.exists(index):
-            with open(index, encoding='utf-8') as f:
-                self._files = dict(json.load(f)['weight_map'])
-        else:
-            for name in sorted(os.listdir(hf_dir)):
-                if name.endswith('.safetensors'):
-                    with safe_open(os.path.join(hf_dir, name), 'numpy') as f:
-                        self._files.update({k: name for k in f.keys()})
-        if not self._files:
-            raise ConfigError('--from_hf', hf_dir, 'holds no *.safetensors weights (PyTorch .bin '
-                              'checkpoints: re-save them with save_pretrained)')
-
-    def _handle(self, name: str):
-        if name not in self._files:
-            raise ConfigError('--from_hf', self.hf_dir, f'tensor {name} is missing')
-        file = self._files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.hf_dir, file), 'numpy')
-        return self._open[file]
-
-    def names(self) -> set[str]:
-        return set(self._files)
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
-
-
-def check_shapes(tensors: Tensors, all_leaves: list[Leaf]) -> None:
-    """Every tensor present with the shape the config implies; else one line naming both."""
+def check_tensors(tensors: Tensors, all_leaves: list[Leaf]) -> None:
+    """Every tensor present, floating point, with the shape the config implies; else one line
+    naming the tensor."""
     for leaf in all_leaves:
         for name in leaf.names.flat:
+            check_dtype(tensors, name)
             shape = tensors.shape(name)
             if shape != leaf.hf_shape:
                 raise ConfigError('--from_hf', tensors.hf_dir, f'tensor {name} has shape '
@@ -211,6 +177,17 @@ def shard_plan(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return files + ([current] if current else [])
 
 
+def _save(tensors: dict, path: str, metadata: dict) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSErrors they are."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r'os error (\d+)', str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+
+
 def write_streamed(out_dir: str, items: list, max_bytes: int) -> list[str]:
     """save_pretrained's layout from (HF name, leaf, moejax parameter, leading index) items:
     model.safetensors, or model-0000i-of-0000n.safetensors shards and model.safetensors.index.json
@@ -230,7 +207,7 @@ def write_streamed(out_dir: str, items: list, max_bytes: int) -> list[str]:
             tensors[name] = to_hf(leaf, host[leaf.path][index])
         file = ('model.safetensors' if len(plan) == 1
                 else f'model-{i + 1:05d}-of-{len(plan):05d}.safetensors')
-        save_file(tensors, os.path.join(out_dir, file), metadata=meta)
+        _save(tensors, os.path.join(out_dir, file), meta)
         weight_map.update({k: file for k in names})
         files.append(file)
     if len(plan) > 1:

@@ -10,7 +10,8 @@
   auto     flash where the accelerator kernel supports the dtype and head dim, else xla;
            on CPU chunked from CPU_CHUNKED_FROM tokens and two blocks, xla below.
 All share layers' semantics: a query attends to keys of its own non-padding segment at or
-before its position; K/V heads are shared by groups of query heads (GQA); softmax in float32.
+before its position; each of the J key/value heads serves H / J query heads (GQA); softmax in
+float32. Shapes: B batch, T tokens, H query heads, J key/value heads, K head dim.
 Rows of padding (segment 0) attend to nothing and come out as zeros.
 """
 import functools
@@ -42,17 +43,17 @@ def attention_mask(segment_ids_BT, causal: bool = True):
     return mask[:, None]
 
 
-def attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, implementation: str = 'auto',
+def attend(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, implementation: str = 'auto',
            block: int = DEFAULT_BLOCK):
     """Causal self-attention within segments: [B, T, H, K] from queries [B, T, H, K] and
-    keys/values [B, T, G, K] (H a multiple of G); rotary is already applied."""
+    keys/values [B, T, J, K] (H a multiple of J); rotary is already applied."""
     impl = resolve(implementation, q_BTHK, block)
     if impl == 'xla':
-        out = xla_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+        out = xla_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT)
     elif impl == 'chunked':
-        out = chunked_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, block=block)
+        out = chunked_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, block=block)
     elif impl == 'flash':
-        out = flash_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+        out = flash_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT)
     else:
         raise ConfigError('model.attention', implementation,
                           'allowed: ' + ', '.join(IMPLEMENTATIONS))
@@ -94,15 +95,15 @@ def flash_supported(q_BTHK, backend: str) -> bool:
     return False
 
 
-def xla_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT):
+def xla_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT):
     """XLA's attention with the full mask (scores materialised)."""
-    return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK,
+    return jax.nn.dot_product_attention(q_BTHK, k_BTJK, v_BTJK,
                                         mask=attention_mask(segment_ids_BT))
 
 
 # ------------------------------------------------------------------------------ chunked
 
-def chunked_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *,
+def chunked_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *,
                       block: int = DEFAULT_BLOCK):
     """Blockwise attention with O(T * block) memory in the forward and backward passes.
 
@@ -110,21 +111,21 @@ def chunked_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *,
     laid out block-major ([N, B, b, ...]) so loops index them with a leading dynamic index.
     """
     B, T, H, K = q_BTHK.shape
-    G = k_BTGK.shape[2]
+    J = k_BTJK.shape[2]
     b = min(block, T)
     n = -(-T // b)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, n * b - T)] + [(0, 0)] * (x.ndim - 2))
     blocks = lambda x: jnp.moveaxis(pad(x).reshape(B, n, b, *x.shape[2:]), 1, 0)
-    q_NBbGRK = blocks(q_BTHK.reshape(B, T, G, H // G, K))
-    out_NBbGRK = _blockwise(q_NBbGRK, blocks(k_BTGK), blocks(v_BTGK), blocks(segment_ids_BT))
-    return jnp.moveaxis(out_NBbGRK, 0, 1).reshape(B, n * b, H, K)[:, :T]
+    q_NBbJRK = blocks(q_BTHK.reshape(B, T, J, H // J, K))
+    out_NBbJRK = _blockwise(q_NBbJRK, blocks(k_BTJK), blocks(v_BTJK), blocks(segment_ids_BT))
+    return jnp.moveaxis(out_NBbJRK, 0, 1).reshape(B, n * b, H, K)[:, :T]
 
 
-def _scores(q_BbGRK, k_BbGK, qseg_Bb, kseg_Bb, i, j):
-    """Scaled float32 scores of query block i against key block j [B,G,R,q,s], and the mask
+def _scores(q_BbGRK, k_BbJK, qseg_Bb, kseg_Bb, i, j):
+    """Scaled float32 scores of query block i against key block j [B,J,R,q,s], and the mask
     [B,1,1,q,s] of allowed pairs (same non-padding segment, key not in the future)."""
     b, K = q_BbGRK.shape[1], q_BbGRK.shape[-1]
-    s = jnp.einsum('bqgrk,bsgk->bgrqs', q_BbGRK, k_BbGK,
+    s = jnp.einsum('bqgrk,bsgk->bgrqs', q_BbGRK, k_BbJK,
                    preferred_element_type=jnp.float32) * (1.0 / math.sqrt(K))
     ok = (qseg_Bb[:, :, None] == kseg_Bb[:, None, :]) & (kseg_Bb[:, None, :] > 0)
     offsets = jnp.arange(b)
@@ -133,31 +134,31 @@ def _scores(q_BbGRK, k_BbGK, qseg_Bb, kseg_Bb, i, j):
 
 
 @jax.custom_vjp
-def _blockwise(q_NBbGRK, k_NBbGK, v_NBbGK, seg_NBb):
-    return _blockwise_fwd(q_NBbGRK, k_NBbGK, v_NBbGK, seg_NBb)[0]
+def _blockwise(q_NBbJRK, k_NBbJK, v_NBbJK, seg_NBb):
+    return _blockwise_fwd(q_NBbJRK, k_NBbJK, v_NBbJK, seg_NBb)[0]
 
 
-def _blockwise_fwd(q_NBbGRK, k_NBbGK, v_NBbGK, seg_NBb):
+def _blockwise_fwd(q_NBbJRK, k_NBbJK, v_NBbJK, seg_NBb):
     """Per query block i, an online softmax over key blocks 0..i (the causal ones only)."""
-    n, B, b, G, R, K = q_NBbGRK.shape
+    n, B, b, J, R, K = q_NBbJRK.shape
 
     def query_block(i):
-        q, qseg = q_NBbGRK[i], seg_NBb[i]
+        q, qseg = q_NBbJRK[i], seg_NBb[i]
 
         def key_block(j, carry):
             m_BGRq, l_BGRq, acc_BGRqK = carry
-            s, ok = _scores(q, k_NBbGK[j], qseg, seg_NBb[j], i, j)
+            s, ok = _scores(q, k_NBbJK[j], qseg, seg_NBb[j], i, j)
             s = jnp.where(ok, s, -jnp.inf)
             m_new = jnp.maximum(m_BGRq, s.max(-1))
             base = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
             p = jnp.exp(s - base[..., None])
             rescale = jnp.exp(m_BGRq - base)
-            pv = jnp.einsum('bgrqs,bsgk->bgrqk', p.astype(v_NBbGK.dtype), v_NBbGK[j],
+            pv = jnp.einsum('bgrqs,bsgk->bgrqk', p.astype(v_NBbJK.dtype), v_NBbJK[j],
                             preferred_element_type=jnp.float32)
             return m_new, l_BGRq * rescale + p.sum(-1), acc_BGRqK * rescale[..., None] + pv
 
-        init = (jnp.full((B, G, R, b), -jnp.inf), jnp.zeros((B, G, R, b)),
-                jnp.zeros((B, G, R, b, K)))
+        init = (jnp.full((B, J, R, b), -jnp.inf), jnp.zeros((B, J, R, b)),
+                jnp.zeros((B, J, R, b, K)))
         m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
         out_BGRqK = acc / jnp.where(l > 0, l, 1.0)[..., None]
         # +inf for rows that attend to nothing: exp(s - lse) = 0 in the backward pass.
@@ -165,14 +166,14 @@ def _blockwise_fwd(q_NBbGRK, k_NBbGK, v_NBbGK, seg_NBb):
         return jnp.einsum('bgrqk->bqgrk', out_BGRqK).astype(q.dtype), lse_BGRq
 
     out, lse = jax.lax.map(query_block, jnp.arange(n))
-    return out, (q_NBbGRK, k_NBbGK, v_NBbGK, seg_NBb, out, lse)
+    return out, (q_NBbJRK, k_NBbJK, v_NBbJK, seg_NBb, out, lse)
 
 
 def _blockwise_bwd(res, dout_N):
     """Per key block j, recompute the probabilities of query blocks j..n-1 and accumulate
     dK_j, dV_j in the loop carry and dQ into one [N, ...] buffer (FlashAttention-2's VJP)."""
     q_N, k_N, v_N, seg_N, out_N, lse_N = res
-    n, B, b, G, R, K = q_N.shape
+    n, B, b, J, R, K = q_N.shape
     scale = 1.0 / math.sqrt(K)
     dt = q_N.dtype
     delta_NBGRq = jnp.einsum('nbqgrk,nbqgrk->nbgrq', dout_N.astype(jnp.float32),
@@ -194,7 +195,7 @@ def _blockwise_bwd(res, dout_N):
             dq_i = jnp.einsum('bgrqs,bsgk->bqgrk', ds, k, preferred_element_type=jnp.float32)
             return dk, dv, dq_N.at[i].add(dq_i)
 
-        zeros = jnp.zeros((B, b, G, K), jnp.float32)
+        zeros = jnp.zeros((B, b, J, K), jnp.float32)
         dk, dv, dq_N = jax.lax.fori_loop(j, n, query_block, (zeros, zeros, dq_N))
         return dq_N, (dk.astype(k_N.dtype), dv.astype(v_N.dtype))
 
@@ -208,7 +209,7 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 # ------------------------------------------------------------------------------ flash
 
-def flash_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, kernel: str | None = None,
+def flash_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, kernel: str | None = None,
                     interpret: bool = False):
     """The fused kernel of this backend ('gpu': Pallas Triton, 'tpu': splash attention).
 
@@ -220,10 +221,10 @@ def flash_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, kernel: str | Non
         raise ConfigError('model.attention', 'flash',
                           f'needs a GPU or TPU (backend is {kernel}); use auto, xla or chunked')
     fn = functools.partial(fns[kernel], interpret=interpret)
-    return _per_shard(fn, q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+    return _per_shard(fn, q_BTHK, k_BTJK, v_BTJK, segment_ids_BT)
 
 
-def _per_shard(fn, q_BTHK, k_BTGK, v_BTGK, segment_ids_BT):
+def _per_shard(fn, q_BTHK, k_BTJK, v_BTJK, segment_ids_BT):
     """fn on each device's rows and heads: Pallas kernels cannot be partitioned by GSPMD.
 
     Batch over the rules' 'batch' axes and heads over 'act_heads' axes, each where it divides
@@ -231,15 +232,15 @@ def _per_shard(fn, q_BTHK, k_BTGK, v_BTGK, segment_ids_BT):
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
-        return fn(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+        return fn(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT)
     B, _, H, _ = q_BTHK.shape
-    G = k_BTGK.shape[2]
+    J = k_BTJK.shape[2]
     batch = _dividing_axes(mesh, 'batch', B)
-    heads = _dividing_axes(mesh, 'act_heads', math.gcd(H, G))
+    heads = _dividing_axes(mesh, 'act_heads', math.gcd(H, J))
     spec_x = P(batch, None, heads, None)
     spec_seg = P(batch, None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec_x, spec_x, spec_x, spec_seg),
-                         out_specs=spec_x, check_vma=False)(q_BTHK, k_BTGK, v_BTGK,
+                         out_specs=spec_x, check_vma=False)(q_BTHK, k_BTJK, v_BTJK,
                                                             segment_ids_BT)
 
 
@@ -258,7 +259,7 @@ def _pad_to(x, multiple: int, axis: int = 1):
     return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
 
-def _pallas_gpu(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, interpret: bool):
+def _pallas_gpu(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, interpret: bool):
     """jax.experimental.pallas.ops.gpu.attention.mha (Triton; segment ids, causal, VJP).
 
     It takes equal query and K/V head counts, so K/V heads are repeated for GQA; T is padded to
@@ -268,12 +269,12 @@ def _pallas_gpu(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, interpret: bool):
         warnings.simplefilter('ignore', DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import attention as pallas_attention
     T, H, K = q_BTHK.shape[1:]
-    groups = H // k_BTGK.shape[2]
+    groups = H // k_BTJK.shape[2]
     block = min(128, max(16, pl_next_power_of_2(T)))
     small = min(32, block)
     sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
                                         block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
-    k_BTHK, v_BTHK = (jnp.repeat(x, groups, axis=2) for x in (k_BTGK, v_BTGK))
+    k_BTHK, v_BTHK = (jnp.repeat(x, groups, axis=2) for x in (k_BTJK, v_BTJK))
     out = pallas_attention.mha(
         _pad_to(q_BTHK, block), _pad_to(k_BTHK, block), _pad_to(v_BTHK, block),
         _pad_to(segment_ids_BT, block), sm_scale=1.0 / math.sqrt(K), causal=True,
@@ -285,7 +286,7 @@ def pl_next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _splash_tpu(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, interpret: bool):
+def _splash_tpu(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, interpret: bool):
     """jax.experimental.pallas.ops.tpu.splash_attention (segment ids, causal mask, GQA).
 
     Splash takes [heads, T, K] per example (vmapped over the batch) and unscaled logits, so
@@ -306,5 +307,5 @@ def _splash_tpu(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, interpret: bool):
     q = heads_first((q_BTHK.astype(jnp.float32) / math.sqrt(K)).astype(q_BTHK.dtype))
     seg = _pad_to(segment_ids_BT, block)
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
-    out_BHTK = jax.vmap(one)(q, heads_first(k_BTGK), heads_first(v_BTGK), seg)
+    out_BHTK = jax.vmap(one)(q, heads_first(k_BTJK), heads_first(v_BTJK), seg)
     return jnp.swapaxes(out_BHTK, 1, 2)[:, :T]

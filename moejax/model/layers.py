@@ -45,8 +45,16 @@ def rotary(x_BTHK, positions_BT, base: float):
     """Rotate channel pairs by position-dependent angles (RoFormer), in float32."""
     half = x_BTHK.shape[-1] // 2
     freq_K = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    return rotary_by_freq(x_BTHK, positions_BT, freq_K)
+
+
+def rotary_by_freq(x_BTHK, positions_BT, freq_K, scale: float = 1.0):
+    """`rotary` with given angular frequencies per channel pair (YaRN rescales them) and cos/sin
+    multiplied by `scale` (YaRN's attention factor); pairs are (k, k + K/2), as in HF's Llama."""
     angle_BTK = positions_BT[..., None].astype(jnp.float32) * freq_K
     sin, cos = jnp.sin(angle_BTK)[:, :, None], jnp.cos(angle_BTK)[:, :, None]
+    if scale != 1.0:
+        sin, cos = sin * scale, cos * scale
     x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTHK.dtype)

@@ -5,19 +5,14 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax import sharding
-from moejax.model import layers
-from moejax.moe import dispatch, experts, routing
+from moejax.model import layers, mla, mtp
+from moejax.model.counts import flops_per_token, is_moe_layer, param_counts  # noqa: F401
+from moejax.moe import experts
 from moejax.moe.block import MoEBlock
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def is_moe_layer(cfg, i: int) -> bool:
-    """Every moe_every-th FFN is an MoE block, counting from 1 (Switch: layers 2, 4, ...), except
-    the layers listed in model.dense_layers (Qwen-MoE's mlp_only_layers)."""
-    m = cfg.model
-    return (m.moe_every > 0 and (i + 1) % m.moe_every == 0
-            and i not in config_lib.dense_layers(cfg))
 
 
 class Block(nnx.Module):
@@ -27,11 +22,14 @@ class Block(nnx.Module):
         m = cfg.model
         eps = m.get('norm_eps', 1e-6)
         self.attn_norm = layers.RMSNorm(m.d_model, eps)
-        self.attn = layers.Attention(m.d_model, m.num_heads, m.num_kv_heads or m.num_heads,
-                                     m.rope_base, implementation=m.attention,
-                                     block=m.attention_block, head_dim=m.get('head_dim', 0),
-                                     qkv_bias=m.get('qkv_bias', False),
-                                     qk_norm=m.get('qk_norm', False), norm_eps=eps, rngs=rngs)
+        if m.get('attention_kind', 'mha') == 'mla':
+            self.attn = mla.MLA(cfg, rngs=rngs)
+        else:
+            self.attn = layers.Attention(
+                m.d_model, m.num_heads, m.num_kv_heads or m.num_heads, m.rope_base,
+                implementation=m.attention, block=m.attention_block,
+                head_dim=m.get('head_dim', 0), qkv_bias=m.get('qkv_bias', False),
+                qk_norm=m.get('qk_norm', False), norm_eps=eps, rngs=rngs)
         self.ffn_norm = layers.RMSNorm(m.d_model, eps)
         self.ffn = (MoEBlock(cfg, rngs=rngs) if use_moe
                     else experts.MLP(m.d_model, m.d_ff, m.activation, rngs=rngs))
@@ -51,30 +49,8 @@ class Block(nnx.Module):
         a_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), cache, start)
         x_BTD = x_BTD + a_BTD
         h_BTD = self.ffn_norm(x_BTD)
-        if isinstance(self.ffn, MoEBlock):
-            y_BTD = moe_by_row(self.ffn, h_BTD)
-        else:
-            y_BTD = self.ffn(h_BTD)
+        y_BTD = self.ffn.decode(h_BTD) if isinstance(self.ffn, MoEBlock) else self.ffn(h_BTD)
         return x_BTD + y_BTD, cache
-
-
-def moe_by_row(block: MoEBlock, x_BTD):
-    """The MoE block for cached decoding: each row's T new tokens form one routing group.
-
-    Deterministic (no noise, eval capacity factor). Decoding one token at a time makes every
-    group a single token, so token-choice routing never drops there; the full forward routes a
-    whole sequence per group and can drop when the eval capacity is short. The two agree
-    whenever the full forward drops nothing (dropless, or eval_capacity_factor <= 0 or large).
-    Expert choice picks tokens within a group, so decoding it per token differs by design.
-    """
-    e = block.moe_cfg
-    B, T, _ = x_BTD.shape
-    mask_BT = jnp.ones((B, T), bool)
-    route = block.router(x_BTD, mask_BT, train=False, rng=None)
-    capacity = routing.expert_capacity(e, T, e.eval_capacity_factor)
-    y_BTD, _ = dispatch.dispatch_combine(x_BTD, mask_BT, route, block.expert_weights(x_BTD.dtype),
-                                         engine=e.dispatch, capacity=capacity)
-    return y_BTD + block.shared_out(x_BTD)
 
 
 # model.remat -> the jax.checkpoint policy of each block ('none': no remat).
@@ -88,8 +64,6 @@ REMAT_POLICIES = {
 }
 
 
-period_length = config_lib.scan_period
-scans_layers = config_lib.scans_layers
 
 
 def rematted(fn, remat: str, prevent_cse: bool = True):
@@ -169,27 +143,64 @@ class Transformer(nnx.Module):
         m = cfg.model
         self.dtype = DTYPES[m.dtype]
         self.remat = m.get('remat', 'none')
-        self.scan = scans_layers(cfg)
+        self.scan = config_lib.scans_layers(cfg)
         self.embed = layers.Embed(cfg.data.vocab_size, m.d_model, rngs=rngs)
         blocks = [Block(cfg, is_moe_layer(cfg, i), rngs=rngs) for i in range(m.num_layers)]
         if self.scan:
-            self.stack = stacked_periods(blocks, period_length(cfg))
+            self.stack = stacked_periods(blocks, config_lib.scan_period(cfg))
         else:
             self.blocks = nnx.List(blocks)
         self.final_norm = layers.RMSNorm(m.d_model, m.get('norm_eps', 1e-6))
         self.head_DV = sharding.param(rngs, (m.d_model, cfg.data.vocab_size), ('embed', 'vocab'),
                                     m.d_model)
+        self.num_layers = m.num_layers
+        if m.get('mtp_depth', 0):  # built last: models without MTP keep their initial weights
+            self.mtp = nnx.List([mtp.MTPModule(
+                m.d_model, m.get('norm_eps', 1e-6),
+                Block(cfg, is_moe_layer(cfg, m.num_layers + k), rngs=rngs), rngs=rngs)
+                for k in range(m.mtp_depth)])
+
+    def mtp_modules(self) -> list:
+        """The multi-token prediction modules, depth 1 first (none without model.mtp_depth)."""
+        return list(self.mtp) if hasattr(self, 'mtp') else []
 
     def __call__(self, inputs_BT, segment_ids_BT, positions_BT, *, train: bool = False,
                  rng: jax.Array | None = None):
         """Logits [B, T, V] in float32, and MoE statistics stacked over MoE layers."""
+        h_BTD, stats = self.hidden(inputs_BT, segment_ids_BT, positions_BT, train=train, rng=rng)
+        return self.logits(h_BTD, self.final_norm), stats
+
+    def hidden(self, inputs_BT, segment_ids_BT, positions_BT, *, train: bool, rng):
+        """The last block's output [B, T, D] (before the final norm) and the MoE statistics."""
         x_BTD = self.embed(inputs_BT, self.dtype)
         run = self._scanned if self.scan else self._unrolled
-        x_BTD, stats = run(x_BTD, segment_ids_BT, positions_BT, rng, train=train)
-        x_BTD = self.final_norm(x_BTD)
-        logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.head_DV[...].astype(self.dtype))
+        return run(x_BTD, segment_ids_BT, positions_BT, rng, train=train)
+
+    def logits(self, h_BTD, norm):
+        """The shared output head on norm(h): float32 logits [B, T, V]."""
+        logits_BTV = jnp.einsum('btd,dv->btv', norm(h_BTD), self.head_DV[...].astype(self.dtype))
         logits_BTV = sharding.constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
-        return logits_BTV.astype(jnp.float32), stats
+        return logits_BTV.astype(jnp.float32)
+
+    def forward_with_mtp(self, inputs_BT, segment_ids_BT, positions_BT, targets_BT, *,
+                         train: bool = False, rng: jax.Array | None = None):
+        """The main logits and statistics (the MTP blocks' MoE layers appended after the main
+        ones), and per depth k = 1..mtp_depth (logits [B, T, V], labels t_{i+k+1}, segment ids
+        with 0 where position i has no such label): see moejax/model/mtp.py."""
+        h_BTD, stats = self.hidden(inputs_BT, segment_ids_BT, positions_BT, train=train, rng=rng)
+        run = lambda block, x, seg, pos, r: run_block(block, x, seg, pos, r, train=train,
+                                                      remat=self.remat)
+        modules = self.mtp_modules()
+        depths = mtp.run_depths(modules, h_BTD, lambda ids: self.embed(ids, self.dtype),
+                                targets_BT, segment_ids_BT, positions_BT, rng, run_block=run,
+                                first_layer=self.num_layers)
+        extra = stack_stats([s for *_, s in depths if s is not None])
+        if extra:
+            stats = ({k: jnp.concatenate([stats[k], extra[k]]) for k in extra} if stats
+                     else extra)
+        heads = [(self.logits(h, module.out_norm), labels, seg)
+                 for module, (h, labels, seg, _) in zip(modules, depths)]
+        return self.logits(h_BTD, self.final_norm), stats, heads
 
     def _unrolled(self, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
         layer_stats = []
@@ -249,13 +260,15 @@ class Transformer(nnx.Module):
         return logits_BTV.astype(jnp.float32), new_cache
 
     def moe_blocks(self) -> list:
-        """Each MoE layer's block, in layer order (scanned: views of the stacked block)."""
+        """Each MoE layer's block, in layer order (scanned: views of the stacked block), then
+        the MTP modules' MoE blocks (forward_with_mtp's statistics have the same order)."""
+        extra = [m.block.ffn for m in self.mtp_modules() if isinstance(m.block.ffn, MoEBlock)]
         if not self.scan:
-            return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEBlock)]
+            return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEBlock)] + extra
         ffn = self.stack.blocks[-1].ffn
         if not isinstance(ffn, MoEBlock):
-            return []
-        return [StackedMoELayer(ffn, p) for p in range(self.num_periods())]
+            return extra
+        return [StackedMoELayer(ffn, p) for p in range(self.num_periods())] + extra
 
 
 def extend_blocks(blocks, x_BTD, cache, start):
@@ -269,7 +282,7 @@ def extend_blocks(blocks, x_BTD, cache, start):
 def scanned_params(unrolled: dict, cfg) -> dict:
     """An unrolled model's pure state dict (nnx.State.to_pure_dict) in the scanned layout."""
     out = {k: v for k, v in unrolled.items() if k != 'blocks'}
-    n = period_length(cfg)
+    n = config_lib.scan_period(cfg)
     count = cfg.model.num_layers // n
     out['stack'] = {'blocks': {j: jax.tree.map(lambda *xs: jnp.stack(xs), *[
         unrolled['blocks'][p * n + j] for p in range(count)]) for j in range(n)}}
@@ -279,7 +292,7 @@ def scanned_params(unrolled: dict, cfg) -> dict:
 def unrolled_params(scanned: dict, cfg) -> dict:
     """A scanned model's pure state dict in the unrolled layout (the inverse of scanned_params)."""
     out = {k: v for k, v in scanned.items() if k != 'stack'}
-    n = period_length(cfg)
+    n = config_lib.scan_period(cfg)
     count = cfg.model.num_layers // n
     out['blocks'] = {p * n + j: jax.tree.map(lambda x: x[p], scanned['stack']['blocks'][j])
                      for p in range(count) for j in range(n)}
@@ -305,39 +318,3 @@ def stack_stats(layer_stats: list[dict]) -> dict:
     if not layer_stats:
         return {}
     return {k: jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
-
-
-def param_counts(cfg) -> dict[str, int]:
-    """Total and active (per token) parameters, counted from the config alone."""
-    m, e = cfg.model, cfg.moe
-    D, F, V, L = m.d_model, m.d_ff, cfg.data.vocab_size, m.num_layers
-    head_dim = config_lib.head_dim(cfg)
-    kv = m.num_kv_heads or m.num_heads
-    attn = D * head_dim * (2 * m.num_heads + 2 * kv) + 2 * D
-    if m.get('qkv_bias', False):
-        attn += head_dim * (m.num_heads + 2 * kv)
-    if m.get('qk_norm', False):
-        attn += 2 * head_dim
-    per_ffn = lambda width: (3 if m.activation == 'swiglu' else 2) * D * width
-    expert = per_ffn(config_lib.expert_d_ff(cfg))
-    n_moe = sum(is_moe_layer(cfg, i) for i in range(L))
-    router = D * e.num_experts * (2 if e.router == 'noisy_top_k' else 1)
-    shared_width = config_lib.shared_d_ff(cfg)
-    shared = per_ffn(shared_width) + (D if shared_width and e.get('shared_gate', False) else 0)
-    total = (2 * V * D + D + L * attn + (L - n_moe) * per_ffn(F)
-             + n_moe * (e.num_experts * expert + router + shared))
-    experts_per_token = e.num_experts if e.router == 'soft' else e.top_k
-    active = total - n_moe * (e.num_experts - experts_per_token) * expert
-    return {'params': total, 'active_params': active, 'embedding_params': V * D}
-
-
-def flops_per_token(cfg) -> float:
-    """Training FLOPs per token, counted as MaxText does: 6 x active matmul params (the output
-    projection included, the embedding lookup not) + attention's two T x T matmuls (QK^T and
-    weights x V: 4*T*H*K per token forward), causal at half, x3 for the backward pass."""
-    m = cfg.model
-    counts = param_counts(cfg)
-    matmul_params = counts['active_params'] - counts['embedding_params']
-    heads_x_head_dim = m.num_heads * config_lib.head_dim(cfg)
-    causal_attn = 4 * cfg.data.seq_len * heads_x_head_dim / 2
-    return 6 * matmul_params + 3 * m.num_layers * causal_attn

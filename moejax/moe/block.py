@@ -30,39 +30,71 @@ class MoEBlock(nnx.Module):
         self.shared_gate_D1 = (sharding.param(rngs, (D, 1), ('embed', None), D)
                                if shared_width and e.get('shared_gate', False) else None)
 
-    def expert_weights(self, dtype) -> dispatch.ExpertWeights:
+    def expert_weights(self, dtype) -> experts.ExpertWeights:
         w_gate = self.w_gate_EDF[...].astype(dtype) if self.w_gate_EDF is not None else None
-        return dispatch.ExpertWeights(self.w_in_EDF[...].astype(dtype), w_gate,
+        return experts.ExpertWeights(self.w_in_EDF[...].astype(dtype), w_gate,
                                       self.w_out_EFD[...].astype(dtype))
 
     def __call__(self, x_BTD, segment_ids_BT, *, train: bool, rng=None):
         """Returns y_BTD and this layer's routing statistics and (unweighted) losses."""
         e = self.moe_cfg
+        seq_len = x_BTD.shape[1] if e.get('seq_aux_loss_weight', 0.0) > 0 else 0
+        return self._apply(x_BTD, segment_ids_BT > 0, e.group_size or x_BTD.shape[1],
+                           train=train, rng=rng, seq_len=seq_len, parallel=True)
+
+    def decode(self, x_BTD):
+        """The block for cached decoding: each row's T new tokens form one routing group, with
+        no noise, the eval capacity and no expert-parallel exchange (a batch of a few rows).
+
+        Decoding one token at a time makes every group a single token, so token-choice routing
+        never drops there; the full forward routes a whole sequence per group and can drop when
+        the eval capacity is short. The two agree whenever the full forward drops nothing.
+        Expert choice picks tokens within a group, so decoding it per token differs by design.
+        """
+        B, T, _ = x_BTD.shape
+        y_BTD, _ = self._apply(x_BTD, jnp.ones((B, T), bool), T, train=False, rng=None,
+                               seq_len=0, parallel=False)
+        return y_BTD
+
+    def capacity(self, group_size: int, train: bool) -> int:
+        """Slots per expert in a routing group: the one place capacity is computed."""
+        e = self.moe_cfg
+        return routing.expert_capacity(
+            e, group_size, e.capacity_factor if train else e.eval_capacity_factor)
+
+    def _apply(self, x_BTD, real_BT, group_size: int, *, train, rng, seq_len, parallel):
+        """Route in groups of group_size tokens, dispatch, run the experts, combine: on this
+        device, or (parallel) through expert_parallel's exchange where the mesh asks for it."""
+        e = self.moe_cfg
         B, T, D = x_BTD.shape
-        S = e.group_size or T
-        x_GSD = x_BTD.reshape(B * T // S, S, D)
-        mask_GS = (segment_ids_BT > 0).reshape(B * T // S, S)
-        route = self.router(x_GSD, mask_GS, train=train, rng=rng)
-        cf = e.capacity_factor if train else e.eval_capacity_factor
-        capacity = routing.expert_capacity(e, S, cf)
-        w = self.expert_weights(x_BTD.dtype)
-        path = expert_parallel.path(e, route)
-        if path == 'ragged':
-            y_GSD, keep_GSK = expert_parallel.ragged_dispatch_combine(
-                x_GSD, mask_GS, route, w, buffer_factor=e.ep_buffer_factor,
-                grouped_matmul=e.grouped_matmul)
-            dropped, left = dispatch.drop_stats(keep_GSK, mask_GS)
-        else:
-            engine = (expert_parallel.dispatch_combine if path == 'buffers'
-                      else dispatch.dispatch_combine)
-            y_GSD, dropped = engine(x_GSD, mask_GS, route, w, engine=e.dispatch,
-                                    capacity=capacity, grouped_matmul=e.grouped_matmul)
-            left = dispatch.tokens_left_behind(mask_GS, route, engine=e.dispatch,
-                                               capacity=capacity, num_experts=e.num_experts)
+        x_GSD = x_BTD.reshape(B * T // group_size, group_size, D)
+        mask_GS = real_BT.reshape(B * T // group_size, group_size)
+        capacity = self.capacity(group_size, train)
+        route = self.router(x_GSD, mask_GS, train=train, rng=rng, capacity=capacity,
+                            seq_len=seq_len)
+        y_GSD, dropped, left = self._dispatch(x_GSD, mask_GS, route, capacity,
+                                              expert_parallel.path(e, route) if parallel
+                                              else 'gspmd', x_BTD.dtype)
         y_BTD = sharding.constrain(y_GSD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
         y_BTD = y_BTD + self.shared_out(x_BTD)
         stats = dict(route.losses, **route.stats, dropped_fraction=dropped, tokens_left_behind=left)
         return y_BTD, stats
+
+    def _dispatch(self, x_GSD, mask_GS, route, capacity: int, path: str, dtype):
+        """(y_GSD, dropped_fraction, tokens_left_behind) by the path expert_parallel chose."""
+        e, w = self.moe_cfg, self.expert_weights(dtype)
+        if path == 'ragged':
+            y_GSD, keep_GSK = expert_parallel.ragged_dispatch_combine(
+                x_GSD, mask_GS, route, w, buffer_factor=e.ep_buffer_factor,
+                grouped_matmul=e.grouped_matmul)
+            return (y_GSD, *dispatch.drop_stats(keep_GSK, mask_GS))
+        engine = (expert_parallel.dispatch_combine if path == 'buffers'
+                  else dispatch.dispatch_combine)
+        y_GSD, dropped = engine(x_GSD, mask_GS, route, w, engine=e.dispatch, capacity=capacity,
+                                grouped_matmul=e.grouped_matmul)
+        left = dispatch.tokens_left_behind(mask_GS, route, engine=e.dispatch, capacity=capacity,
+                                           num_experts=e.num_experts)
+        return y_GSD, dropped, left
 
     def shared_out(self, x_BTD):
         """The shared experts' contribution (0 without them), gated when moe.shared_gate."""

@@ -8,7 +8,7 @@ Three engines with one meaning for token-choice routing:
   `moe.grouped_matmul` picks CPU block loops, jax.lax.ragged_dot or tokamax's kernels).
 Capacity priority (GShard): within a group all first choices come before any second choice,
 and within a choice rank earlier tokens first (with batch-prioritized routing: tokens with
-higher router scores first, Routing.priority_GS). Expert-choice and soft routings run through
+higher router scores first, TokenChoice.priority_GS). Expert-choice and soft routings run through
 any engine without drops.
 """
 import functools
@@ -19,17 +19,13 @@ import jax.numpy as jnp
 from moejax import sharding
 from moejax.moe import experts as experts_lib
 from moejax.moe import grouped
-from moejax.moe.routing import Routing
+from moejax.moe.routing import ExpertChoice, Routing, Soft, TokenChoice
 
 ENGINES = ('einsum', 'sort', 'dropless')
 GECD_NAMES = ('expert_group', 'act_exp', 'capacity', 'act_embed')
 
 
-ExpertWeights = experts_lib.ExpertWeights
-expert_ffn = experts_lib.expert_ffn  # each expert's FFN on its [E, C, D] buffer
-
-
-def experts_on_buffers(w: ExpertWeights, x_GECD, backend: str = 'auto'):
+def experts_on_buffers(w: experts_lib.ExpertWeights, x_GECD, backend: str = 'auto'):
     """Experts on capacity buffers, with the expert-parallel sharding constraints around them.
 
     This is the default `experts` step of the capacity engines; the all_to_all path swaps in
@@ -99,9 +95,9 @@ def tokens_left_behind(mask_GS, routing: Routing, *, engine: str, capacity: int,
     GSPMD and the all_to_all path (where it runs outside the shard_map) give the same number.
     """
     real_GS = mask_GS.astype(bool)
-    if routing.gate_GSE is not None or (routing.token_GEC is None and engine == 'dropless'):
+    if isinstance(routing, Soft) or (isinstance(routing, TokenChoice) and engine == 'dropless'):
         return jnp.zeros((), jnp.float32)
-    if routing.token_GEC is not None:
+    if isinstance(routing, ExpertChoice):
         g, s = real_GS.shape
         real_GEC = jnp.take_along_axis(real_GS[:, None, :], routing.token_GEC, axis=-1)
         reached_GS = jax.vmap(lambda t, r: jnp.zeros(s, bool).at[t].max(r))(
@@ -115,7 +111,7 @@ def tokens_left_behind(mask_GS, routing: Routing, *, engine: str, capacity: int,
     return (real - reached) / jnp.maximum(real, 1.0)
 
 
-def _einsum_token_choice(x_GSD, mask_GS, routing: Routing, w, num_experts, cap, experts):
+def _einsum_token_choice(x_GSD, mask_GS, routing: TokenChoice, w, num_experts, cap, experts):
     """GShard reference: slot = running count of the expert in priority order (via cumsum)."""
     num_tokens = x_GSD.shape[1]
     order_GS = _token_order(routing.priority_GS)
@@ -186,7 +182,7 @@ def _gather_GECD(x_GSD, token_GEC, use_GEC, inverse_GSJ=None, inverse_use_GSJ=No
     return x_GECD.reshape(g, e, c, d)
 
 
-def _sort_token_choice(x_GSD, mask_GS, routing: Routing, w, num_experts, cap, experts):
+def _sort_token_choice(x_GSD, mask_GS, routing: TokenChoice, w, num_experts, cap, experts):
     """Capacity dispatch by sorting: same slots and drops as einsum; gathers both ways."""
     g, s, k = routing.expert_GSK.shape
     d = x_GSD.shape[-1]
@@ -203,7 +199,7 @@ def _sort_token_choice(x_GSD, mask_GS, routing: Routing, w, num_experts, cap, ex
     return jnp.einsum('gsk,gskd->gsd', weight_GSK, y_GSKD), _dropped_fraction(keep_GSK, mask_GS)
 
 
-def _dropless_token_choice(x_GSD, mask_GS, routing: Routing, w, num_experts, backend):
+def _dropless_token_choice(x_GSD, mask_GS, routing: TokenChoice, w, num_experts, backend):
     """No capacity: all pairs of the batch sorted by expert, grouped matmul, gathered back.
 
     Tokens reach the layout rows and results return to their pairs by gathers (with gathers as
@@ -225,7 +221,7 @@ def _dropless_token_choice(x_GSD, mask_GS, routing: Routing, w, num_experts, bac
     return y_ND.reshape(g, s, d), jnp.zeros((), jnp.float32)
 
 
-def _expert_choice(x_GSD, mask_GS, routing: Routing, w, engine, experts):
+def _expert_choice(x_GSD, mask_GS, routing: ExpertChoice, w, engine, experts):
     """Expert-choice routing: experts already hold their C tokens; nothing is dropped."""
     g, s, d = x_GSD.shape
     token_GEC = routing.token_GEC
@@ -243,7 +239,7 @@ def _expert_choice(x_GSD, mask_GS, routing: Routing, w, engine, experts):
     return y_ND.reshape(g, s, d), jnp.zeros((), jnp.float32)
 
 
-def _soft(x_GSD, mask_GS, routing: Routing, w, backend):
+def _soft(x_GSD, mask_GS, routing: Soft, w, backend):
     """Soft mixture: every expert runs on every token; outputs weighted by the gates."""
     g, s, d = x_GSD.shape
     num_experts = routing.gate_GSE.shape[-1]
@@ -256,7 +252,7 @@ def _soft(x_GSD, mask_GS, routing: Routing, w, backend):
     return y_ND.reshape(g, s, d), jnp.zeros((), jnp.float32)
 
 
-def dispatch_combine(x_GSD, mask_GS, routing: Routing, w: ExpertWeights, *, engine: str,
+def dispatch_combine(x_GSD, mask_GS, routing: Routing, w: experts_lib.ExpertWeights, *, engine: str,
                      capacity: int, experts=None, num_experts: int | None = None,
                      grouped_matmul: str = 'auto') -> tuple[jax.Array, jax.Array]:
     """Apply the routed experts to x_GSD; returns (y_GSD, dropped_fraction).
@@ -275,9 +271,9 @@ def dispatch_combine(x_GSD, mask_GS, routing: Routing, w: ExpertWeights, *, engi
     if mask_GS is None:
         mask_GS = jnp.ones(x_GSD.shape[:2], bool)
     experts = experts or functools.partial(experts_on_buffers, backend=grouped_matmul)
-    if routing.gate_GSE is not None:
+    if isinstance(routing, Soft):
         return _soft(x_GSD, mask_GS, routing, w, grouped_matmul)
-    if routing.token_GEC is not None:
+    if isinstance(routing, ExpertChoice):
         return _expert_choice(x_GSD, mask_GS, routing, w, engine, experts)
     num_experts = num_experts or w.w_in_EDF.shape[0]
     if engine == 'einsum':

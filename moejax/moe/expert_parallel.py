@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.moe import dispatch, experts, grouped, ragged
-from moejax.moe.routing import Routing
+from moejax.moe.routing import Routing, Soft, TokenChoice
 
 EXPERT_AXIS = 'expert'
 COMMS = ('auto', 'gspmd', 'all_to_all')
@@ -48,7 +48,7 @@ def path(moe_cfg, route: Routing, expert_axis: int | None = None) -> str:
     GSPMD cannot split a grouped matmul by expert and would gather every expert's weights to
     each device (2.7 TB for Mixtral) instead of moving the tokens."""
     expert_axis = expert_axis_size() if expert_axis is None else expert_axis
-    if expert_axis <= 1 or route.gate_GSE is not None:
+    if expert_axis <= 1 or isinstance(route, Soft):
         return 'gspmd'
     if moe_cfg.dispatch == 'dropless':
         if moe_cfg.comm == 'gspmd':
@@ -98,7 +98,7 @@ def dispatch_combine(x_GSD, mask_GS, route: Routing, w: experts.ExpertWeights, *
     """dispatch.dispatch_combine's result for a capacity engine, with its buffers exchanged
     by all_to_all over 'expert'; returns (y_GSD, dropped_fraction)."""
     num_experts = w.w_in_EDF.shape[0]
-    k = route.expert_GSK.shape[-1] if route.expert_GSK is not None else 1
+    k = route.expert_GSK.shape[-1] if isinstance(route, TokenChoice) else 1
 
     def local(x_gSD, mask_gS, route_g, w_local, *, batch_axes, tensor_axes):
         run = functools.partial(_exchange_buffers, tensor_axes=tensor_axes,

@@ -25,19 +25,37 @@ CAPACITY_RULES = ('gshard', 't5x')
 AUX_LOSS_NORMS = ('assignments', 'tokens')
 
 
-class Routing(NamedTuple):
-    """Where tokens go. Token-choice routers fill expert_GSK/gate_GSK; expert choice fills
-    token_GEC/gate_GEC; soft fills gate_GSE (probabilities for every expert)."""
-    expert_GSK: jax.Array | None  # int32, choices ordered by preference (k=0 best)
-    gate_GSK: jax.Array | None  # float32 combine weights; 0 for masked tokens
-    token_GEC: jax.Array | None  # int32 index in [0, S) of the token in slot c of expert e
-    gate_GEC: jax.Array | None  # float32; 0 for empty/masked slots
-    gate_GSE: jax.Array | None  # soft routing weights; 0 for masked tokens
-    losses: dict[str, jax.Array]  # scalars 'aux_loss' (unweighted; 0 if unused), 'z_loss'
-    stats: dict[str, jax.Array]  # 'expert_load' [E], 'router_entropy', 'top1_prob'
+# Every routing carries losses (scalars 'aux_loss', unweighted, 0 if unused; 'z_loss'; with
+# DeepSeek-V3's sequence-wise loss, 'seq_aux_loss') and stats ('expert_load' [E],
+# 'router_entropy', 'top1_prob').
+
+class TokenChoice(NamedTuple):
+    """Top-k and noisy top-k: each token's k experts, best first, and their combine weights."""
+    expert_GSK: jax.Array  # int32
+    gate_GSK: jax.Array    # float32; 0 for masked tokens
+    losses: dict
+    stats: dict
     # Batch-prioritized routing (V-MoE): capacity slots go to tokens in descending order of this
     # score (their first choice's router score); None: in token order (GShard).
     priority_GS: jax.Array | None = None
+
+
+class ExpertChoice(NamedTuple):
+    """Expert choice: each expert's C tokens (indices in [0, S)) and their weights."""
+    token_GEC: jax.Array  # int32
+    gate_GEC: jax.Array   # float32; 0 for empty or masked slots
+    losses: dict
+    stats: dict
+
+
+class Soft(NamedTuple):
+    """Soft routing: every expert's weight for every token."""
+    gate_GSE: jax.Array  # float32; 0 for masked tokens
+    losses: dict
+    stats: dict
+
+
+Routing = TokenChoice | ExpertChoice | Soft
 
 
 class Conventions(NamedTuple):
@@ -160,16 +178,17 @@ def router_scores(logits_GSE: jax.Array, score_fn: str) -> tuple[jax.Array, jax.
     return scores_GSE, scores_GSE / jnp.sum(scores_GSE, axis=-1, keepdims=True)
 
 
-def group_limited(select_GSE: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
-    """DeepSeek-V3 node-limited routing: scores outside each token's `top_groups` best expert
-    groups become -inf. A group's score is the sum of its two best scores (its best if it has
-    one expert); experts are grouped consecutively, E / num_groups per group."""
+def node_limited(select_GSE: jax.Array, num_nodes: int, top_nodes: int) -> jax.Array:
+    """DeepSeek-V3's node-limited routing (moe.num_expert_groups, moe.top_expert_groups): the
+    experts sit on `num_nodes` nodes, E / num_nodes consecutive experts each (X: nodes, Y: their
+    experts); scores outside each token's `top_nodes` best nodes become -inf. A node's score is
+    the sum of its two best scores (its best if it has one expert)."""
     g, s, e = select_GSE.shape
-    select_GSNP = select_GSE.reshape(g, s, num_groups, e // num_groups)
-    best_GSN2, _ = jax.lax.top_k(select_GSNP, min(2, e // num_groups))
-    _, chosen_GST = jax.lax.top_k(jnp.sum(best_GSN2, axis=-1), top_groups)
-    keep_GSN = jnp.any(jax.nn.one_hot(chosen_GST, num_groups, dtype=bool), axis=-2)
-    return jnp.where(keep_GSN[..., None], select_GSNP, -jnp.inf).reshape(g, s, e)
+    select_GSXY = select_GSE.reshape(g, s, num_nodes, e // num_nodes)
+    best_GSX2, _ = jax.lax.top_k(select_GSXY, min(2, e // num_nodes))
+    _, chosen_GST = jax.lax.top_k(jnp.sum(best_GSX2, axis=-1), top_nodes)
+    keep_GSX = jnp.any(jax.nn.one_hot(chosen_GST, num_nodes, dtype=bool), axis=-2)
+    return jnp.where(keep_GSX[..., None], select_GSXY, -jnp.inf).reshape(g, s, e)
 
 
 def combine_weights(score_GSK: jax.Array, gate_norm: str, scale: float) -> jax.Array:
@@ -183,19 +202,20 @@ def combine_weights(score_GSK: jax.Array, gate_norm: str, scale: float) -> jax.A
 
 
 def top_k_routing(logits_GSE, mask_GS, top_k: int, *, balance: str = 'aux_loss',
-                  bias_E: jax.Array | None = None, conv: Conventions = Conventions()) -> Routing:
+                  bias_E: jax.Array | None = None, conv: Conventions = Conventions(),
+                  seq_len: int = 0) -> Routing:
     """Switch (k=1) / GShard (k>1) / DeepSeek-V3 routing: each token picks its top-k experts.
 
     Selection is by score (softmax prob or sigmoid), plus bias_E (DeepSeek-V3 loss-free
     balancing) if given, within the token's best expert groups if conv asks for groups. The
     bias shifts only the selection, never the gate: gates come from the unbiased scores
     (see combine_weights). With conv.batch_prioritized the first choice's score is the
-    token's capacity priority.
+    token's capacity priority. seq_len > 0 adds losses['seq_aux_loss'] (see sequence_wise_loss).
     """
     scores_GSE, probs_GSE = router_scores(logits_GSE, conv.score_fn)
     select_GSE = scores_GSE if bias_E is None else scores_GSE + bias_E
     if conv.num_expert_groups > 1:
-        select_GSE = group_limited(select_GSE, conv.num_expert_groups, conv.top_expert_groups)
+        select_GSE = node_limited(select_GSE, conv.num_expert_groups, conv.top_expert_groups)
     _, expert_GSK = jax.lax.top_k(select_GSE, top_k)
     score_GSK = jnp.take_along_axis(scores_GSE, expert_GSK, axis=-1)
     gate_GSK = combine_weights(score_GSK, conv.gate_norm, conv.routed_scaling_factor)
@@ -204,9 +224,23 @@ def top_k_routing(logits_GSE, mask_GS, top_k: int, *, balance: str = 'aux_loss',
            if balance == 'aux_loss' else jnp.zeros((), jnp.float32))
     load_E = _assignment_load(expert_GSK, mask_GS, logits_GSE.shape[-1])
     priority_GS = score_GSK[..., 0] if conv.batch_prioritized else None
-    return Routing(expert_GSK.astype(jnp.int32), gate_GSK, None, None, None,
-                   {'aux_loss': aux, 'z_loss': z_loss(logits_GSE, mask_GS)},
-                   _prob_stats(probs_GSE, mask_GS, load_E), priority_GS)
+    losses = {'aux_loss': aux, 'z_loss': z_loss(logits_GSE, mask_GS)}
+    if seq_len:
+        losses['seq_aux_loss'] = sequence_wise_loss(probs_GSE, expert_GSK, mask_GS, seq_len)
+    return TokenChoice(expert_GSK.astype(jnp.int32), gate_GSK, losses,
+                       _prob_stats(probs_GSE, mask_GS, load_E), priority_GS)
+
+
+def sequence_wise_loss(probs_GSE, expert_GSK, mask_GS, seq_len: int) -> jax.Array:
+    """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), unweighted: mean over
+    sequences of E * sum_e f_e P_e, f_e = E/(k T) x the sequence's assignments to e and P_e its
+    mean normalised score, whatever the routing groups are (groups are consecutive tokens, so
+    regrouping by rows of seq_len is a reshape). f counts the experts really chosen (bias and
+    expert groups included), as Megatron-Core and torchtitan do; padding is left out."""
+    E, K = probs_GSE.shape[-1], expert_GSK.shape[-1]
+    return load_balancing_loss(probs_GSE.reshape(-1, seq_len, E),
+                               expert_GSK.reshape(-1, seq_len, K),
+                               mask_GS.reshape(-1, seq_len), 'assignments')
 
 
 def _cv_squared(x_GE: jax.Array) -> jax.Array:
@@ -252,9 +286,9 @@ def noisy_top_k_routing(clean_GSE, noise_std_GSE, eps_GSE, mask_GS, top_k: int, 
         aux = jnp.zeros((), jnp.float32)
     load_E = _assignment_load(expert_GSK, mask_GS, num_experts)
     probs_GSE = jax.nn.softmax(clean_GSE, axis=-1)
-    return Routing(expert_GSK.astype(jnp.int32), gate_GSK, None, None, None,
-                   {'aux_loss': aux, 'z_loss': z_loss(clean_GSE, mask_GS)},
-                   _prob_stats(probs_GSE, mask_GS, load_E), priority_GS)
+    return TokenChoice(expert_GSK.astype(jnp.int32), gate_GSK,
+                       {'aux_loss': aux, 'z_loss': z_loss(clean_GSE, mask_GS)},
+                       _prob_stats(probs_GSE, mask_GS, load_E), priority_GS)
 
 
 def expert_choice_routing(logits_GSE, mask_GS, capacity_per_expert: int) -> Routing:
@@ -272,9 +306,10 @@ def expert_choice_routing(logits_GSE, mask_GS, capacity_per_expert: int) -> Rout
     gate_GEC = jnp.take_along_axis(probs_GES, token_GEC, axis=-1) * real_GEC
     counts_E = jnp.sum(real_GEC, axis=(0, 2)).astype(jnp.float32)
     load_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
-    return Routing(None, None, token_GEC.astype(jnp.int32), gate_GEC, None,
-                   {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': z_loss(logits_GSE, mask_GS)},
-                   _prob_stats(probs_GSE, mask_GS, load_E))
+    return ExpertChoice(token_GEC.astype(jnp.int32), gate_GEC,
+                        {'aux_loss': jnp.zeros((), jnp.float32),
+                         'z_loss': z_loss(logits_GSE, mask_GS)},
+                        _prob_stats(probs_GSE, mask_GS, load_E))
 
 
 def soft_routing(logits_GSE, mask_GS) -> Routing:
@@ -286,9 +321,9 @@ def soft_routing(logits_GSE, mask_GS) -> Routing:
     gate_GSE = probs_GSE * mask_GS[..., None]
     m = mask_GS.astype(jnp.float32)
     load_E = jnp.sum(gate_GSE, axis=(0, 1)) / jnp.maximum(jnp.sum(m), 1.0)
-    return Routing(None, None, None, None, gate_GSE,
-                   {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': z_loss(logits_GSE, mask_GS)},
-                   _prob_stats(probs_GSE, mask_GS, load_E))
+    return Soft(gate_GSE,
+                {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': z_loss(logits_GSE, mask_GS)},
+                _prob_stats(probs_GSE, mask_GS, load_E))
 
 
 class Router(nnx.Module):
@@ -299,11 +334,8 @@ class Router(nnx.Module):
             raise ValueError(f'router={moe_cfg.router!r} / balance={moe_cfg.balance!r}: '
                              f'allowed {ROUTERS} / {BALANCES}')
         self.num_experts, self.kind, self.top_k = moe_cfg.num_experts, moe_cfg.router, moe_cfg.top_k
-        self.capacity_factor = float(moe_cfg.capacity_factor)
-        self.eval_capacity_factor = float(moe_cfg.eval_capacity_factor)
         self.balance, self.jitter = moe_cfg.balance, float(moe_cfg.jitter)
         self.conv = conventions(moe_cfg)
-        self.moe_cfg = moe_cfg
         init = nnx.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal')
         shape_DE = (d_model, self.num_experts)
         self.w_DE = nnx.Param(init(rngs.params(), shape_DE, jnp.float32),
@@ -313,8 +345,11 @@ class Router(nnx.Module):
                                         out_sharding=('embed', 'router'))
         self.expert_bias = ExpertBias(jnp.zeros((self.num_experts,), jnp.float32))
 
-    def __call__(self, x_GSD, mask_GS, *, train: bool, rng: jax.Array | None) -> Routing:
-        """Route grouped tokens; noise (jitter, noisy top-k) only when train and rng is given."""
+    def __call__(self, x_GSD, mask_GS, *, train: bool, rng: jax.Array | None,
+                 capacity: int = 0, seq_len: int = 0) -> Routing:
+        """Route grouped tokens; noise (jitter, noisy top-k) only when train and rng is given.
+        capacity: each expert's slots (expert choice). seq_len > 0 (top_k): also the
+        sequence-wise balance loss over rows of that length."""
         x_GSD = x_GSD.astype(jnp.float32)
         if mask_GS is None:
             mask_GS = jnp.ones(x_GSD.shape[:2], bool)
@@ -328,7 +363,7 @@ class Router(nnx.Module):
         if self.kind == 'top_k':
             bias_E = self.expert_bias[...] if self.balance == 'bias' else None
             return top_k_routing(logits_GSE, mask_GS, self.top_k, balance=self.balance,
-                                 bias_E=bias_E, conv=self.conv)
+                                 bias_E=bias_E, conv=self.conv, seq_len=seq_len)
         if self.kind == 'noisy_top_k':
             noise_std_GSE = jax.nn.softplus(jnp.einsum('gsd,de->gse', x_GSD, self.w_noise_DE[...]))
             eps_GSE = jax.random.normal(noise_rng, logits_GSE.shape) if noisy else None
@@ -336,7 +371,7 @@ class Router(nnx.Module):
                                        balance=self.balance,
                                        batch_prioritized=self.conv.batch_prioritized)
         if self.kind == 'expert_choice':
-            factor = self.capacity_factor if train else self.eval_capacity_factor
-            slots = expert_capacity(self.moe_cfg, x_GSD.shape[1], factor)
-            return expert_choice_routing(logits_GSE, mask_GS, slots)
+            if capacity < 1:
+                raise ValueError('expert choice needs each expert\'s capacity (slots >= 1)')
+            return expert_choice_routing(logits_GSE, mask_GS, capacity)
         return soft_routing(logits_GSE, mask_GS)

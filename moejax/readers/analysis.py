@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
+from moejax.moe import routing
 from moejax.readers import saved_run
 from moejax.run import metrics as metrics_lib
 from moejax.run import workdir as workdir_lib
@@ -98,7 +99,7 @@ def _top1_experts(model, ids_T):
         if not hasattr(block.ffn, 'router'):
             continue
         route = captured['blocks'][i]['ffn']['router']['__call__'].get_value()[0]
-        if route.expert_GSK is not None:
+        if isinstance(route, routing.TokenChoice):
             top1 = route.expert_GSK[..., 0]
         else:
             h_BTD = captured['blocks'][i]['ffn_norm']['__call__'].get_value()[0]

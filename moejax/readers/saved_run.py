@@ -7,7 +7,9 @@ or written. A damaged newest checkpoint is reported and the previous one is used
 """
 import dataclasses
 import functools
+import math
 import os
+import stat
 
 import jax
 import numpy as np
@@ -18,7 +20,6 @@ from jax.sharding import PartitionSpec as P
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import mesh as mesh_lib
-from moejax.data import tokenizer as tokenizer_lib
 from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
 from moejax.readers import sampling
@@ -46,8 +47,7 @@ class SavedRun:
     def tokenizer(self):
         """The tokenizer the run saved (none saved: the one its config builds, not written
         there); loaded on first use, so code that needs only the weights never reads it."""
-        saved = tokenizer_lib.saved_kind(self.workdir) is not None
-        return data_lib.get_tokenizer(self.cfg, self.workdir if saved else None)
+        return data_lib.get_tokenizer(self.cfg, self.workdir, save=False)
 
     @functools.cached_property
     def sampler(self) -> sampling.Sampler:
@@ -103,22 +103,46 @@ def open_run(workdir: str, step: int | None = None, *, cfg=None,
 # ---------------------------------------------------------------- forward: token ids -> logits
 
 
-def read_tokens(path: str) -> np.ndarray:
-    """Token ids [B, T] from a .npy file of integers ([T] is one row); ConfigError naming
-    --tokens for a file that is missing, unreadable, not integer, empty or of another rank."""
+def read_tokens(path: str, name: str = '--tokens') -> np.ndarray:
+    """Token ids [B, T] from a .npy file of integers ([T] is one row); ConfigError naming the
+    flag for a file that is missing, unreadable, not integer, empty or of another rank.
+
+    The header is read first and the array's declared size checked against the file's before
+    anything is allocated: a header may declare (1, 2**40)."""
     try:
-        ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:  # missing, not .npy, truncated, pickled
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise ConfigError(name, path, 'is not a regular file; give a .npy file')
+        with open(path, 'rb') as f:
+            dtype, shape, fortran = _npy_header(f)
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+            if dtype.kind not in 'iu' or not all(isinstance(d, int) for d in shape):
+                raise ConfigError(name, path, f'holds {dtype} values: token ids must be '
+                                  'integers (e.g. int32)')
+            if len(shape) not in (1, 2) or math.prod(shape) == 0:
+                raise ConfigError(name, path, f'has shape {list(shape)}: give ids [T] or '
+                                  '[B, T], not empty')
+            if math.prod(shape) * dtype.itemsize != data_bytes:
+                raise ConfigError(name, path, f'declares {list(shape)} {dtype} values '
+                                  f'({math.prod(shape) * dtype.itemsize} bytes) but holds '
+                                  f'{data_bytes} bytes: a damaged or truncated file')
+            flat = np.fromfile(f, dtype, math.prod(shape))
+            ids = flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+    except (OSError, ValueError, EOFError) as err:  # missing, not .npy, truncated header
+        if isinstance(err, ConfigError):
+            raise
         reason = getattr(err, 'strerror', None) or ' '.join(str(err).split())[:120]
-        raise ConfigError('--tokens', path, f'is not a readable .npy file ({reason}); save '
-                          'int32 token ids [B, T] with numpy.save') from None
-    if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer):
-        raise ConfigError('--tokens', path, f'holds {getattr(ids, "dtype", type(ids).__name__)}'
-                          ' values: token ids must be integers (e.g. int32)')
-    if ids.ndim not in (1, 2) or ids.size == 0:
-        raise ConfigError('--tokens', path, f'has shape {list(ids.shape)}: give ids [T] or '
-                          '[B, T], not empty')
+        raise ConfigError(name, path, f'is not a readable .npy file ({reason}); save int32 '
+                          'token ids [B, T] with numpy.save') from None
     return ids.reshape(1, -1) if ids.ndim == 1 else ids
+
+
+def _npy_header(f) -> tuple[np.dtype, tuple, bool]:
+    """(dtype, shape, Fortran order) from a .npy header; the file is left at the data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+        np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return dtype, shape, fortran
 
 
 def check_tokens(ids_BT: np.ndarray, cfg, name: str = '--tokens') -> np.ndarray:

@@ -36,7 +36,12 @@ class CorruptCheckpointError(RuntimeError):
 
 
 class SaveError(RuntimeError):
-    """A checkpoint could not be written; the message is the one line the user sees."""
+    """A checkpoint could not be written; the message is the one line the user sees, `reason`
+    its cause in a few words (e.g. 'No space left on device')."""
+
+    def __init__(self, message: str, reason: str = ''):
+        super().__init__(message)
+        self.reason = reason
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -211,8 +216,9 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - the listing itself may fail on a broken disk
             good = []
         last = f'step {good[-1]}' if good else 'none (no checkpoint was saved)'
-        self.failed = SaveError(f'checkpoint at step {step} not saved: {_root_cause(err)}; '
-                                f'the last good checkpoint is {last}')
+        reason = _root_cause(err)
+        self.failed = SaveError(f'checkpoint at step {step} not saved: {reason}; the last good '
+                                f'checkpoint is {last}', reason)
         return self.failed
 
     def _before_commit(self) -> None:

@@ -59,3 +59,13 @@ def evaluate(step_fn, params, extra, batches, byte_lengths_V) -> dict:
         count += 1
     totals = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in totals.items()}
     return summarize(totals, count)
+
+
+def summary(result: dict) -> str:
+    """The readable part of an evaluation, as training prints it and eval does:
+    loss | perplexity | bits/byte (when known) | tokens."""
+    parts = [f'loss {result["loss"]:.4f}', f'perplexity {result["perplexity"]:.2f}']
+    if result.get('bits_per_byte') is not None:
+        parts.append(f'bits/byte {result["bits_per_byte"]:.4f}')
+    parts.append(f'{result["tokens"]:,} tokens')
+    return ' | '.join(parts)

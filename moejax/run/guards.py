@@ -8,6 +8,7 @@ named and resumed from.
 import os
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
@@ -139,13 +140,20 @@ class GoodCheckpoints:
         return (f'step {step} is in a run of skipped steps, so it was not saved; the last good '
                 f'checkpoint is step {self.good if self.good is not None else "none"}{newer}')
 
-    def stopped_by_guard(self, skips: 'SkipCounter', step: int) -> 'NonFiniteError':
-        """The guard's stop: set the suspect checkpoint aside and name the good one."""
+    def stopped_by_guard(self, skips: 'SkipCounter', step: int, writer) -> 'NonFiniteError':
+        """The guard's stop: set the suspect checkpoint aside, copy the metrics records after
+        the good one beside it (a resumed run cuts them from metrics.jsonl; they are the
+        evidence of what went wrong), and name the good checkpoint."""
         message = skips.message(step)
         if self.pending is not None and self.pending in self.checkpointer.steps():
             where = self.checkpointer.set_aside_diverged(self.pending)
             message += (f' Checkpoint {self.pending}, whose weights gave the first skipped '
                         f'step, was {where}.')
+        good = self.good or 0
+        aside = os.path.join(self.checkpointer.workdir, 'diverged_checkpoints',
+                             f'metrics_after_step_{good}-{int(time.time())}.jsonl')
+        if writer.copy_after(good, aside):
+            message += f' The metrics of steps {good + 1}-{step} were copied to {aside}.'
         if self.good is not None:
             message += (f' The last good checkpoint is step {self.good}; rerun to resume from '
                         'it, with a lower opt.lr or opt.clip_norm.')

@@ -14,6 +14,7 @@ from moejax import data as data_lib
 from moejax import mesh as mesh_lib
 from moejax.errors import ConfigError
 from moejax.model import transformer
+from moejax.run import banner
 from moejax.run import checkpoint as checkpoint_lib
 from moejax.run import evaluate as evaluate_lib
 from moejax.run import metrics as metrics_lib
@@ -41,19 +42,27 @@ class Run:
     byte_lengths: jax.Array
     checkpointer: checkpoint_lib.Checkpointer
     writer: metrics_lib.MetricWriter
+    argv: list | None = None  # the command, for the message that tells how to extend the run
 
 
-def prepare(cfg, workdir: str, *, for_training: bool = True, restart: bool = False) -> Run:
+def prepare(cfg, workdir: str, *, for_training: bool = True, restart: bool = False,
+            argv: list | None = None) -> Run:
     """Validate, then build mesh, tokenizer, data and compiled steps (the setup phase).
 
-    A training run first checks the config against the workdir's saved run (resume_guard)."""
+    A training run first checks the config against the workdir's saved run (resume_guard); an
+    evaluation writes nothing into the workdir (it may be read-only)."""
     config_lib.validate(cfg, jax.device_count())
-    config_lib.check_workdir(workdir)
+    if for_training:
+        config_lib.check_workdir(workdir)
     data_lib.check_data(cfg)
     chief = jax.process_index() == 0
     if for_training:
-        resume_guard(cfg, workdir, restart)
-    tokenizer = shared_tokenizer(cfg, workdir)
+        resume_guard(cfg, workdir, restart, argv)
+    if for_training and chief:  # before the first run's data preparation and compilation
+        steps = workdir_lib.saved_steps(workdir)
+        print(banner.start_banner(cfg, workdir, steps[-1] if steps else 0,
+                                  data_lib.describe(cfg), argv), flush=True)
+    tokenizer = shared_tokenizer(cfg, workdir, save=for_training)
     if chief and for_training:
         config_lib.save_json(cfg, workdir)
     setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
@@ -63,24 +72,30 @@ def prepare(cfg, workdir: str, *, for_training: bool = True, restart: bool = Fal
     return Run(setup, tokenizer, train_fn, eval_fn, [], jnp.asarray(byte_lengths),
                checkpoint_lib.Checkpointer(workdir, cfg.train.keep_checkpoints,
                                            read_only=not for_training, cleanup_tmp=for_training),
-               metrics_lib.MetricWriter(workdir, enabled=chief and for_training))
+               metrics_lib.MetricWriter(workdir, enabled=chief and for_training), argv)
 
 
-def resume_guard(cfg, workdir: str, restart: bool) -> None:
-    """Before anything is written: with restart, set the old run aside; else refuse a config
-    that does not fit the saved checkpoints, and record the changes that do (config.json is
-    then rewritten with the config in use)."""
+def resume_guard(cfg, workdir: str, restart: bool, argv: list | None = None) -> None:
+    """Before anything is written: with restart, check that the new run can start without the
+    old one (its tokenizer: an imported one lives in the workdir) and only then set the old
+    run aside; else refuse a config that does not fit the saved checkpoints, and record the
+    changes that do (config.json is then rewritten with the config in use)."""
     chief = jax.process_index() == 0
     if restart and chief:
+        try:
+            data_lib.get_tokenizer(cfg, None)
+        except ConfigError as err:
+            raise ConfigError(err.key, err.value, f'{err.allowed} (--restart sets the old run '
+                              'aside, its tokenizer with it; nothing was moved)') from None
         workdir_lib.set_aside_run(workdir)
     if restart:
         _sync('moejax_restart')
         return
-    saved_cfg, changes = workdir_lib.check_resume(cfg, workdir)
+    saved_cfg, changes = workdir_lib.check_resume(cfg, workdir, argv)
     changed_opt = {k: v for k, v in changes.items() if k.startswith('opt.')}
     if changed_opt and not state_lib.same_optimizer_state(cfg, saved_cfg):
         raise workdir_lib.refusal(workdir, changed_opt, "they change the optimizer state's "
-                                  'structure, which the checkpoints hold')
+                                  'structure, which the checkpoints hold', argv)
     if chief:
         steps = workdir_lib.saved_steps(workdir)
         workdir_lib.record_changes(workdir, changes, steps[-1] if steps else None)
@@ -92,14 +107,15 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def shared_tokenizer(cfg, workdir):
+def shared_tokenizer(cfg, workdir, *, save: bool = True):
     """Process 0 makes (or loads) the tokenizer first; the others then load the same one."""
+    get = lambda: data_lib.get_tokenizer(cfg, workdir, save=save)
     if jax.process_count() == 1:
-        return data_lib.get_tokenizer(cfg, workdir)
+        return get()
     from jax.experimental import multihost_utils
-    tokenizer = data_lib.get_tokenizer(cfg, workdir) if jax.process_index() == 0 else None
+    tokenizer = get() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices('moejax_tokenizer')
-    return tokenizer or data_lib.get_tokenizer(cfg, workdir)
+    return tokenizer or get()
 
 
 def load_eval_batches(run: Run, split: str) -> list:
@@ -137,11 +153,13 @@ def restore_or_init(run: Run) -> tuple[state_lib.TrainState, dict]:
     return state, loop_state
 
 
-def train_and_evaluate(cfg, workdir: str, *, restart: bool = False) -> dict:
+def train_and_evaluate(cfg, workdir: str, *, restart: bool = False,
+                       argv: list | None = None) -> dict:
     """Train to cfg.train.num_steps (resuming if checkpoints exist); returns the last metrics.
 
     Process 0 holds the workdir's lock from setup to exit: one trainer per workdir. With
-    restart, an earlier run in the workdir is moved to previous_runs/ (nothing is deleted)."""
+    restart, an earlier run in the workdir is moved to previous_runs/ (nothing is deleted).
+    argv (the command line) lets the messages name the command that extends the run."""
     config_lib.check_workdir(workdir)
     lock = workdir_lib.WorkdirLock(workdir)
     if jax.process_index() == 0:
@@ -149,7 +167,7 @@ def train_and_evaluate(cfg, workdir: str, *, restart: bool = False) -> dict:
     stop = StopSignal(exit_now=exit_now_130(lock))
     try:
         # Setup: everything below fails fast, before data is read or anything compiles.
-        run = prepare(cfg, workdir, restart=restart)
+        run = prepare(cfg, workdir, restart=restart, argv=argv)
     except BaseException:
         stop.restore()
         lock.release()
@@ -211,7 +229,7 @@ def train_steps(run: Run, stop: StopSignal) -> dict:
             progress.log(done, rec, done - start)
             last = {'step': done, **rec}
         if skips.in_a_row >= skips.limit:  # after logging, so the non-finite step is on record
-            raise good.stopped_by_guard(skips, done)
+            raise good.stopped_by_guard(skips, done, run.writer)
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             last.update(log_eval(run, state, done))
             meter.pause()
@@ -222,13 +240,22 @@ def train_steps(run: Run, stop: StopSignal) -> dict:
         if stopping:
             print(f'Stop requested: {good.said(done)}; exiting.', flush=True)
             return last
-    # Finish: a final evaluation and checkpoint (skipped if there was nothing to do).
+    return finish_steps(run, state, start, last, good, skips, spikes)
+
+
+def finish_steps(run: Run, state, start: int, last: dict, good: GoodCheckpoints,
+                 skips: SkipCounter, spikes: SpikeGuard) -> dict:
+    """The finish phase: a final evaluation and checkpoint (skipped if there was nothing to
+    do), and for a run that reached train.num_steps, the command that extends it."""
     done = int(state.step)
     if done > start or not run.checkpointer.steps():
         last.update(log_eval(run, state, done))
         good.save(done, state, loop_state_at(done, skips, spikes), skips)
         if skips.in_a_row:
             print(f'Finished: {good.said(done)}.', flush=True)
+    if done >= run.setup.cfg.train.num_steps and not skips.in_a_row and \
+            jax.process_index() == 0:
+        print(banner.finished_message(done, run.argv), flush=True)
     return last
 
 
@@ -244,6 +271,5 @@ def log_eval(run: Run, state: state_lib.TrainState, step: int) -> dict:
            'eval_bits_per_byte': result['bits_per_byte']}
     run.writer.write(step, rec)
     if jax.process_index() == 0:
-        print(f'eval at step {step}: loss {result["loss"]:.4f} | perplexity '
-              f'{result["perplexity"]:.2f} | bits/byte {result["bits_per_byte"]:.4f}', flush=True)
+        print(f'eval at step {step}: {evaluate_lib.summary(result)}', flush=True)
     return rec

@@ -41,16 +41,28 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # imported lazily: slow to import
             self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
+    def _lines(self) -> list[str]:
+        if not (self.enabled and os.path.exists(self.path)):
+            return []
+        with open(self.path, encoding='utf-8', errors='replace') as f:
+            return f.readlines()
+
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (they will be recomputed, identically, after a resume),
         and any line cut short by a killed process."""
-        if not (self.enabled and os.path.exists(self.path)):
-            return
-        with open(self.path) as f:
-            keep = [line for line in f if _record_step(line) <= step]
-        with open(self.path + '.tmp', 'w') as f:
-            f.writelines(keep)
-        os.replace(self.path + '.tmp', self.path)
+        if self.enabled and os.path.exists(self.path):
+            _write_atomically(self.path, [line for line in self._lines()
+                                          if _record_step(line) <= step])
+
+    def copy_after(self, step: int, path: str) -> int:
+        """Copy the records past `step` to the file `path`: the steps of a run that diverged,
+        which a resumed run cuts from metrics.jsonl and will not recompute alike; they show
+        what went wrong. Returns how many were copied."""
+        later = [line for line in self._lines() if _record_step(line) > step]
+        if later:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_atomically(path, later)
+        return len(later)
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -76,7 +88,8 @@ def read_jsonl(path: str) -> list[dict]:
     """The records of a metrics.jsonl, in order, tolerating a writer killed mid-line.
 
     A partial last line (what kill -9 leaves) is skipped without a word; any other line that is
-    not a JSON object (a damaged file) is skipped with one warning line naming the first.
+    not a JSON object with an integer step (a damaged file) is skipped with one warning line
+    naming the first.
     """
     with open(path, encoding='utf-8', errors='replace') as f:
         lines = f.readlines()
@@ -88,7 +101,7 @@ def read_jsonl(path: str) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and _is_step(record.get('step')):
             records.append(record)
         elif number < len(lines) or line.endswith('\n'):  # not the partial last line
             bad.append(number)
@@ -98,12 +111,24 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
+def _write_atomically(path: str, lines: list[str]) -> None:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(lines)
+    os.replace(path + '.tmp', path)
+
+
 def _record_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a partial or unreadable one."""
+    """The step of a metrics.jsonl line; infinity for a partial or unreadable one (no
+    integer step)."""
     try:
-        return json.loads(line)['step'] if line.endswith('\n') else float('inf')
+        step = json.loads(line)['step'] if line.endswith('\n') else None
     except (ValueError, KeyError, TypeError):
         return float('inf')
+    return step if _is_step(step) else float('inf')
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Throughput:

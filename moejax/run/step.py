@@ -24,13 +24,35 @@ def loss_parts(logits_BTV, batch, stats, num_tokens) -> dict:
     nll = jnp.sum(evaluate_lib.token_nll(logits_BTV, batch['targets']) * weights_BT)
     aux = jnp.sum(stats['aux_loss']) if stats else 0.0
     z = jnp.sum(stats['z_loss']) if stats else 0.0
-    return {'ce_loss': nll / num_tokens, 'aux_loss': aux, 'z_loss': z}
+    parts = {'ce_loss': nll / num_tokens, 'aux_loss': aux, 'z_loss': z}
+    if 'seq_aux_loss' in stats:  # moe.seq_aux_loss_weight > 0
+        parts['seq_aux_loss'] = jnp.sum(stats['seq_aux_loss'])
+    return parts
+
+
+def mtp_parts(heads, num_tokens, weight: float) -> dict:
+    """Multi-token prediction: mtp_loss_k, depth k's NLL summed over its labelled tokens / the
+    batch's tokens (DeepSeek-V3 eq. 24's 1/T), and mtp_loss = weight / D x their sum (eq. 25)."""
+    parts = {}
+    for k, (logits_BTV, labels_BT, segment_ids_BT) in enumerate(heads, start=1):
+        weights_BT = (segment_ids_BT > 0).astype(jnp.float32)
+        nll = jnp.sum(evaluate_lib.token_nll(logits_BTV, labels_BT) * weights_BT)
+        parts[f'mtp_loss_{k}'] = nll / num_tokens
+    parts['mtp_loss'] = weight / len(heads) * sum(parts[f'mtp_loss_{k}']
+                                                  for k in range(1, len(heads) + 1))
+    return parts
 
 
 def total_loss(parts: dict, moe_cfg):
-    """The training objective: CE plus the weighted balance and z losses."""
-    return (parts['ce_loss'] + moe_cfg.aux_loss_weight * parts['aux_loss']
+    """The training objective: CE plus the weighted balance and z losses (and the sequence-wise
+    balance loss and the weighted MTP loss when they are on)."""
+    loss = (parts['ce_loss'] + moe_cfg.aux_loss_weight * parts['aux_loss']
             + moe_cfg.z_loss_weight * parts['z_loss'])
+    if 'seq_aux_loss' in parts:
+        loss = loss + moe_cfg.seq_aux_loss_weight * parts['seq_aux_loss']
+    if 'mtp_loss' in parts:
+        loss = loss + parts['mtp_loss']
+    return loss
 
 
 def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
@@ -42,11 +64,21 @@ def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
     """
     def loss_fn(params):
         model = nnx.merge(setup.graphdef, params, state.extra)
-        logits, stats = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                              train=True, rng=rng)
+        m = setup.cfg.model
+        if m.get('mtp_depth', 0):
+            logits, stats, heads = model.forward_with_mtp(
+                batch['inputs'], batch['segment_ids'], batch['positions'], batch['targets'],
+                train=True, rng=rng)
+        else:
+            logits, stats = model(batch['inputs'], batch['segment_ids'], batch['positions'],
+                                  train=True, rng=rng)
         parts = loss_parts(logits, batch, stats, num_tokens)
         parts = dict(parts, aux_loss=share['groups'] * parts['aux_loss'],
                      z_loss=share['tokens'] * parts['z_loss'])
+        if 'seq_aux_loss' in parts:  # a mean over rows with real tokens
+            parts['seq_aux_loss'] = share['rows'] * parts['seq_aux_loss']
+        if m.get('mtp_depth', 0):
+            parts.update(mtp_parts(heads, num_tokens, m.mtp_loss_weight))
         stats = jax.tree.map(lambda x: share['tokens'] * x, stats)
         return total_loss(parts, setup.cfg.moe), (parts, stats)
     return jax.grad(loss_fn, has_aux=True)(state.params)
@@ -59,8 +91,10 @@ def micro_shares(cfg, segment_ids_BT, num_micro: int) -> dict:
     group = cfg.moe.group_size or segment_ids_BT.shape[1]
     tokens_M = jnp.sum(real_MN, axis=1)
     groups_M = jnp.sum(jnp.any(real_MN.reshape(num_micro, -1, group), axis=-1), axis=1)
+    rows_M = jnp.sum(jnp.any(real_MN.reshape(num_micro, -1, segment_ids_BT.shape[1]), axis=-1),
+                     axis=1)
     share = lambda n_M: n_M.astype(jnp.float32) / jnp.maximum(jnp.sum(n_M), 1).astype(jnp.float32)
-    return {'tokens': share(tokens_M), 'groups': share(groups_M)}
+    return {'tokens': share(tokens_M), 'groups': share(groups_M), 'rows': share(rows_M)}
 
 
 def train_step(setup: Setup, state: TrainState, batch, max_loss=None):
@@ -71,7 +105,7 @@ def train_step(setup: Setup, state: TrainState, batch, max_loss=None):
     num_tokens = jnp.maximum(jnp.sum(batch['segment_ids'] > 0), 1).astype(jnp.float32)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if num_micro == 1:
-        whole = {'tokens': 1.0, 'groups': 1.0}
+        whole = {'tokens': 1.0, 'groups': 1.0, 'rows': 1.0}
         grads, (parts, stats) = micro_grads(setup, state, batch, rng, num_tokens, whole)
         return apply_gradients(setup, state, grads, parts, stats, num_tokens, max_loss)
 

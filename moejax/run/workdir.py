@@ -1,11 +1,13 @@
 """A training workdir's guards: one writer at a time (a lock file), and a resume guard that
 compares the command's config with the one the saved checkpoints were trained with.
 
-The lock is a file created atomically (O_EXCL) by process 0, naming host, pid and start time. A
-lock whose holder is a dead process on this host is stale and replaced; one held from another
-host (a shared filesystem) cannot be checked from here, and the refusal says which file to
-delete once that run is known to be gone. Readers (eval, generate, analyze) take no lock.
+The lock is a file created atomically by process 0 (or by a conversion building the workdir),
+naming host, pid and start time. A lock whose holder is a dead process on this host, or that
+names no process at all, is stale and replaced; one held from another host (a shared
+filesystem) cannot be checked from here, and the refusal says which file to delete once that run
+is known to be gone. Readers (eval, generate, analyze) take no lock.
 """
+import contextlib
 import datetime
 import json
 import os
@@ -61,7 +63,8 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process pid runs on this host (and, given its start time, is still that one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,51 +74,90 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or _process_start(pid) in (None, start)
 
 
-class WorkdirLock:
-    """The workdir's single-writer lock, held by a trainer's process 0 from start to exit."""
+MAX_PID = 1 << 22  # Linux's largest pid_max
 
-    def __init__(self, workdir: str):
+
+def _valid_holder(holder) -> bool:
+    pid = holder.get('pid') if isinstance(holder, dict) else None
+    return isinstance(holder, dict) and isinstance(holder.get('host'), str) and \
+        isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= MAX_PID
+
+
+class WorkdirLock:
+    """The workdir's single-writer lock, held by a trainer's process 0 from start to exit (or by
+    a conversion while it builds the workdir).
+
+    The record (host, pid, start time, purpose) is written whole to a file aside, then
+    hard-linked into place: the link fails if a lock exists, as O_EXCL would, and nobody ever
+    sees an empty or half-written lock; a full disk leaves none behind. A lock naming a process
+    that is gone from this host, or naming none (empty or damaged), is stale and replaced with
+    one line saying so."""
+
+    def __init__(self, workdir: str, purpose: str = 'trainer'):
         self.path = os.path.join(workdir, LOCK)
-        self.held = False
+        self.purpose, self.held = purpose, False
 
     def acquire(self) -> None:
         """Create the lock file, replacing a stale one; ConfigError naming a live holder."""
-        pid = os.getpid()
-        me = {'host': socket.gethostname(), 'pid': pid, 'pid_start': _process_start(pid),
-              'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None and not os.path.exists(self.path):
-                    continue  # released meanwhile
-                if self._stale(holder) and self._take_stale(holder):
-                    continue
-                raise self._refusal(holder)
-            with os.fdopen(fd, 'w') as f:
-                json.dump(me, f)
+            if self._link(self._record()):
+                self.held = True
+                return
+            raw, holder = self._holder()
+            if raw is None:
+                continue  # released meanwhile
+            if self._stale(holder) and self._take_stale(raw, holder):
+                continue
+            raise self._refusal(holder)
+        raise self._refusal(self._holder()[1])
+
+    def _record(self) -> bytes:
+        pid = os.getpid()
+        return json.dumps({
+            'host': socket.gethostname(), 'pid': pid, 'pid_start': _process_start(pid),
+            'purpose': self.purpose, 'started': datetime.datetime.now(
+                datetime.timezone.utc).isoformat(timespec='seconds')}).encode()
+
+    def _link(self, record: bytes) -> bool:
+        """Write the record aside and link it into place; False if a lock is already there."""
+        aside = f'{self.path}.{os.getpid()}.tmp'
+        try:
+            with open(aside, 'wb') as f:
+                f.write(record)
                 f.flush()
                 os.fsync(f.fileno())
-            self.held = True
-            return
-        raise self._refusal(self._holder())
+            os.link(aside, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
 
-    def _holder(self) -> dict | None:
+    def _holder(self) -> tuple[bytes | None, dict | None]:
+        """(the lock's bytes, or None if there is no lock; its record, or None if it names no
+        process: empty, not JSON, or a pid that cannot be one)."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+            with open(self.path, 'rb') as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None, None
+        except OSError:
+            return b'', None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = None
+        return raw, holder if _valid_holder(holder) else None
 
     def _stale(self, holder: dict | None) -> bool:
-        """A lock is stale when its holder is a dead process on this host."""
-        if holder is None:  # being written this instant, or unreadable: not ours to judge
-            return False
-        return holder.get('host') == socket.gethostname() and \
-            not _alive(int(holder.get('pid', -1)), holder.get('pid_start'))
+        """Stale: the lock names no process, or a dead one on this host."""
+        if holder is None:
+            return True
+        return holder['host'] == socket.gethostname() and \
+            not process_alive(holder['pid'], holder.get('pid_start'))
 
-    def _take_stale(self, holder: dict) -> bool:
+    def _take_stale(self, raw: bytes, holder: dict | None) -> bool:
         """Move the stale lock away atomically; False if someone else's lock was moved instead
         (a racing start replaced it first), which is then put back."""
         aside = f'{self.path}.stale.{os.getpid()}'
@@ -123,20 +165,21 @@ class WorkdirLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return True
-        with open(aside) as f:
+        with open(aside, 'rb') as f:
             moved = f.read()
-        if json.loads(moved or 'null') != holder:
+        if moved != raw:
             os.rename(aside, self.path)
             return False
         os.unlink(aside)
-        print(f'Removed a stale lock left by pid {holder.get("pid")} on this host '
-              f'(started {holder.get("started")}).', flush=True)
+        print(f'Removed a stale lock left by pid {holder["pid"]} on this host (started '
+              f'{holder.get("started")}).' if holder else f'Removed an unreadable lock file '
+              f'{self.path} (it names no process that could hold it).', flush=True)
         return True
 
     def _refusal(self, holder: dict | None) -> ConfigError:
-        who = 'another trainer' if holder is None else (
-            f'another trainer: host {holder.get("host")}, pid {holder.get("pid")}, '
-            f'started {holder.get("started")}')
+        who = 'another moejax process' if holder is None else (
+            f'another {holder.get("purpose", "trainer")}: host {holder["host"]}, pid '
+            f'{holder["pid"]}, started {holder.get("started")}')
         return ConfigError('--workdir', os.path.dirname(self.path), (
             f'is in use by {who} (lock file {self.path}). Wait for that run to end or stop it; '
             'if it is gone (killed on another machine of a shared filesystem), delete the lock '
@@ -147,13 +190,11 @@ class WorkdirLock:
         if not self.held:
             return
         self.held = False
-        holder = self._holder()
-        if holder is not None and holder.get('pid') == os.getpid() and \
-                holder.get('host') == socket.gethostname():
-            try:
+        holder = self._holder()[1]
+        if holder is not None and holder['pid'] == os.getpid() and \
+                holder['host'] == socket.gethostname():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
 # ------------------------------------------------------------------------------ resume guard
@@ -183,8 +224,9 @@ def set_aside_checkpoints(workdir: str) -> list[str]:
     found = []
     for name in SET_ASIDE:
         directory = os.path.join(workdir, name)
-        if os.path.isdir(directory):
-            found += [os.path.join(name, entry) for entry in sorted(os.listdir(directory))]
+        if os.path.isdir(directory):  # checkpoints are folders; the diverged metrics a file
+            found += [os.path.join(name, entry) for entry in sorted(os.listdir(directory))
+                      if os.path.isdir(os.path.join(directory, entry))]
     return found
 
 
@@ -242,30 +284,53 @@ def load_saved_config(workdir: str):
                           'against the saved checkpoints; repair it, or pass --restart') from None
 
 
-def refusal(workdir: str, refused: dict, why: str) -> ConfigError:
-    """The one-line refusal of a resume whose config does not fit the saved run."""
+def _flag_value(value) -> str:
+    """A saved config value as a --config.KEY=VALUE flag spells it."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def resume_fixes(workdir: str, refused: dict, argv: list | None) -> str:
+    """How to resume, from what was given: drop each --config.KEY flag that made a refused
+    change, add back (with the saved value) each refused key that came from the config file."""
+    given = {a[len('--config.'):].split('=', 1)[0]: a for a in argv or []
+             if a.startswith('--config.')}
+    fixes = [f'drop {given[key]}' if key in given else f'add --config.{key}={_flag_value(old)}'
+             for key, (old, _) in refused.items() if old != ABSENT]
+    saved = f'--config=configs/saved.py:{workdir}'
+    if argv is None or not fixes or len(fixes) > 3:  # a different recipe: its saved config
+        return f'resume it with the config it saved: {saved}'
+    return f'resume it: {", ".join(fixes)} (or use {saved})'
+
+
+def refusal(workdir: str, refused: dict, why: str, argv: list | None = None) -> ConfigError:
+    """The one-line refusal of a resume whose config does not fit the saved run, naming the
+    ways out (see resume_fixes)."""
     listed = '; '.join(f'{key} {old!r} -> {new!r}' for key, (old, new) in refused.items())
     return ConfigError('--workdir', workdir, (
-        f'was trained with a different config: {listed} ({why}). Nothing was changed. Use a '
-        'new --workdir for this config (for a deliberate change of model, start it from this '
-        'run with the import/upcycle path), rerun without these flags to resume, or pass '
-        '--restart to set this run aside (nothing is deleted) and start over here'))
+        f'was trained with a different config: {listed} ({why}). Nothing was changed. To '
+        f'{resume_fixes(workdir, refused, argv)}; to train this config instead, use a new '
+        '--workdir (for a deliberate change of model, start it from this run with the '
+        'import/upcycle path), or pass --restart to set this run aside (nothing is deleted) and '
+        'start over here'))
 
 
-def check_resume(cfg, workdir: str):
+def check_resume(cfg, workdir: str, argv: list | None = None):
     """(saved config, allowed changes) for a workdir with saved state; (None, {}) without.
 
-    Raises ConfigError (exit 2, one line) when a key outside STEERING changed."""
+    Raises ConfigError (exit 2, one line) when a key outside STEERING changed; argv (the
+    command) lets it say which flags to drop or add."""
     saved_cfg = load_saved_config(workdir)
     if saved_cfg is None:
         return None, {}
     changes = config_changes(saved_cfg, cfg)
     fresh = saved_steps(workdir) == [0]
-    refused = {k: v for k, v in changes.items()
-               if not (is_steering(k) or fresh and is_free_at_start(k))}
+    # A model imported without a tokenizer may be given one before it is trained.
+    untokenized = saved_cfg.data.get('tokenizer') == 'none'
+    refused = {k: v for k, v in changes.items() if not (is_steering(k) or fresh and (
+        is_free_at_start(k) or untokenized and k in ('data.tokenizer', 'data.tokenizer_path')))}
     if refused:
         raise refusal(workdir, refused, 'these keys change the saved state, the model function '
-                      'or the data order')
+                      'or the data order', argv)
     return saved_cfg, changes
 
 
