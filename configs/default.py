@@ -1,17 +1,10 @@
 """Default recipe: a small Switch-style MoE LM that trains on a 2-core CPU in minutes.
 
 COMMAND: python launch/train.py --config=configs/default.py --workdir=/tmp/moejax_default
-The model, routing and schedule are those the expert-scaling study chose by measurement
-(benchmarks/expert_scaling.py, README "More experts at the same compute"): at this size MoE
-gains show when the dense model is capacity-bound rather than optimisation-bound, so the model is
-narrow (0.46M active parameters) and sees 7 tokens per active parameter in 800 steps; every FFN
-is an MoE (8 experts, 800 steps, one seed: 3.441 in every layer, 3.467 in every other; dense
-3.525); routing is dropless (top-1 at capacity 1.25 over a 128-token sequence dropped 11-30% of
-the assignments), where the group size only sets the balance loss's groups: 1024 tokens, as in
-the study, and one sequence gave the same losses (3.5512 and 3.5510 at step 800), so each
-sequence is routed alone and any number of tokens can be run; and the schedule is T5/Switch's
-inverse square root, which has no final anneal, so steps-to-a-loss measure sample efficiency and
-a run extends by raising train.num_steps.
+4 layers of d_model 64; every FFN an MoE of 8 experts (d_ff 256), top-1, dropless, each sequence
+routed alone; inverse-square-root schedule (no final anneal: a run extends by raising
+train.num_steps); 800 steps of 32 x 128 tokens of the embedded corpus. The expert-scaling study
+chose this recipe, and its measurements are in docs/expert_scaling.md.
 Variants (`--config=configs/default.py:VARIANT`, comma-separated to combine):
     dense   the same model with dense FFNs only (moe_every=0)
     gshard  top-2 routing (GShard)
@@ -89,20 +82,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.seq_aux_loss_weight = 0.0      # sequence-wise balance loss weight (DeepSeek-V3: 1e-4)
     e.z_loss_weight = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
     e.jitter = 0.0                   # multiplicative router-input noise in training (Switch: 0.01)
-    # Router conventions of peers (README "Coming from T5X / ST-MoE / MaxText / DeepSeek-V3"):
+    # Router conventions of peers (README "Routing and peer conventions"):
     e.score_fn = 'softmax'           # top_k scores: 'softmax' | 'sigmoid' (DeepSeek-V3)
     e.gate_norm = 'auto'             # top_k gates: 'auto' (renormalised if k>1) | 'raw' | 'renorm'
     e.routed_scaling_factor = 1.0    # top_k gates are multiplied by it (DeepSeek-V3: 2.5)
     e.num_expert_groups = 0          # > 0: group-limited top_k (DeepSeek-V3 n_group); 0 = off
     e.top_expert_groups = 0          # groups each token may use (DeepSeek-V3 topk_group)
     e.batch_prioritized = False      # capacity slots by router score, not position (V-MoE BPR);
-                                     # here later tokens can take earlier ones' slots (README)
+                                     # in a decoder later tokens can take earlier ones' slots
     e.capacity_rule = 'gshard'       # 'gshard': ceil(S*k*cf/E) | 't5x': round(cf*S/E), no k
     e.min_capacity = 1               # fewest slots per expert (T5X min_expert_capacity: 4)
     e.aux_loss_norm = 'assignments'  # aux f_e over k*n assignments (uniform: 1) | 'tokens' (over n
                                      # tokens, uniform: k; T5X, MaxText, HF Mixtral)
     e.bias_update_rate = 1e-3        # balance='bias': per-step bias change toward uniform load
-    e.router_dtype = 'float32'       # router math stays float32 for stability
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = -1               # -1 = all remaining devices
@@ -161,8 +153,7 @@ def _apply_variant(cfg, arg):
         elif variant == 'gshard':
             cfg.moe.top_k = 2
         elif variant == 'wide':
-            # At this width (1.3M active params, 1.5M tokens in 360 steps) 4-64 experts all
-            # ended within seed noise of each other: the model was optimisation-bound.
+            # The default before the expert-scaling study (docs/expert_scaling.md).
             cfg.model.update(d_model=128, d_ff=512, moe_every=2)
             cfg.moe.dispatch = 'sort'
             cfg.opt.schedule = 'cosine'

@@ -2,6 +2,9 @@
 import jax
 import optax
 
+OPTIMIZERS = ('adamw', 'adafactor')
+SCHEDULES = ('cosine', 'rsqrt', 'constant')
+
 
 def schedule(opt_cfg, num_steps: int) -> optax.Schedule:
     """Linear warmup to opt.lr, then cosine decay to 10%, inverse square root, or constant."""

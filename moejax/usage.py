@@ -12,6 +12,7 @@ from absl import flags
 
 HELP = ('--help', '-h', '--helpshort', '-?')
 HELPFULL = ('--helpfull',)
+OWN_MODULES = ('moejax.startup', 'moejax.cli')  # where the commands define their flags
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'configs', 'default.py')
 
@@ -55,11 +56,11 @@ def exit_if_help(argv, load_config=None) -> None:
     what, how = COMMANDS.get(command, ('', ''))
     print('\n\n'.join(part for part in (f'usage: {argv[0]} {how}', what, 'flags:') if part))
     by_module = flags.FLAGS.flags_by_module_dict()
-    for flag in by_module.get('moejax.cli', []):
+    for flag in [f for module in OWN_MODULES for f in by_module.get(module, [])]:
         print(_line(flag))
     if any(a in HELPFULL for a in asked):
         for module, found in sorted(by_module.items()):
-            if module != 'moejax.cli':
+            if module not in OWN_MODULES:
                 print(f'\n{module} flags:')
                 print('\n'.join(_line(flag) for flag in found))
         if load_config is not None and 'config' in flags.FLAGS:

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from configs import default
@@ -26,11 +25,11 @@ def tiny_config(**overrides):
 
 
 def moe_cfg(**overrides):
-    """A router's config group (moe.*) with small defaults, for routing tests."""
-    cfg = ml_collections.ConfigDict(dict(
-        num_experts=4, router='top_k', top_k=1, capacity_factor=1.0, eval_capacity_factor=2.0,
-        balance='aux_loss', aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
-        bias_update_rate=1e-3))
+    """A complete moe group (configs/default.py's) made small, for routing tests."""
+    cfg = default.get_config().moe
+    cfg.update(dict(num_experts=4, router='top_k', top_k=1, capacity_factor=1.0,
+                    eval_capacity_factor=2.0, balance='aux_loss', aux_loss_weight=0.01,
+                    z_loss_weight=1e-3, jitter=0.0, bias_update_rate=1e-3))
     cfg.update(overrides)
     return cfg
 

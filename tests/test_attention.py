@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import config
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention
 from tests.helpers import run_cli, tiny_config
@@ -184,7 +184,7 @@ def test_bad_attention_config_names_the_key(key, value):
     cfg = tiny_config()
     cfg.model[key] = value
     with pytest.raises(ConfigError, match=f'model.{key}'):
-        config.validate(cfg, 1)
+        validate.check(cfg, 1)
 
 
 def test_flash_under_mesh_runs_per_shard():

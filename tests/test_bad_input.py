@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import validate
 from moejax.data import corpus, sources, stdlib_corpus
 from moejax.errors import ConfigError
 from moejax.moe.block import MoEBlock
@@ -197,12 +198,11 @@ def test_capacity_factor_zero_drops_nothing():
 def test_capacity_factor_must_still_be_a_finite_number(key, bad):
     import ml_collections
 
-    from moejax import config as config_lib
     values = tiny_config().to_dict()
     group, name = key.split('.')
     values[group][name] = bad
     with pytest.raises(ConfigError, match=key):
-        config_lib.validate(ml_collections.ConfigDict(values), num_devices=8)
+        validate.check(ml_collections.ConfigDict(values), num_devices=8)
 
 
 # --------------------------------------------------------------------------- text corpora

@@ -92,11 +92,11 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 ])
 def test_override_errors_are_explained_without_a_process(args, message, capsys):
     """The flag-error explanations, in process (fast): they name the key and what is allowed."""
-    from moejax import cli
+    from moejax import startup
     argv = ['train', TINY, *args]
     with pytest.raises(Exception) as err:
         flags_under_test(argv)
-    assert message in cli._explain_flag_error(err.value, argv)
+    assert message in startup.explain_flag_error(err.value, argv)
 
 
 def flags_under_test(argv):

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from moejax import config as config_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from tests.helpers import tiny_config
 
@@ -32,7 +33,7 @@ def test_dense_layers_break_scanned_periods():
     assert not config_lib.scans_layers(cfg)  # auto: unrolled
     cfg.model.scan_layers = True
     with pytest.raises(ConfigError, match='model.dense_layers=.0. breaks'):
-        config_lib.validate(cfg, num_devices=8)
+        validate.check(cfg, num_devices=8)
 
 
 @pytest.mark.parametrize('key,value,message', BAD)
@@ -41,7 +42,7 @@ def test_bad_value_names_key_and_remedy(key, value, message):
     group, name = key.split('.')
     setattr(cfg[group], name, value)
     with pytest.raises(ConfigError) as err:
-        config_lib.validate(cfg, num_devices=8)
+        validate.check(cfg, num_devices=8)
     assert err.value.key == ('model.d_model' if key == 'model.num_heads' else key)
     text = str(err.value)
     assert '\n' not in text and message in text
@@ -58,7 +59,7 @@ def test_bad_mesh(mesh, key):
     cfg = tiny_config()
     cfg.mesh.update(mesh)
     with pytest.raises(ConfigError) as err:
-        config_lib.validate(cfg, num_devices=8)
+        validate.check(cfg, num_devices=8)
     assert err.value.key == key
 
 
@@ -66,14 +67,14 @@ def test_batch_must_divide_by_data_parallel_size():
     cfg = tiny_config()
     cfg.data.batch_size = 4  # 8 data-parallel devices
     with pytest.raises(ConfigError, match='data.batch_size'):
-        config_lib.validate(cfg, num_devices=8)
+        validate.check(cfg, num_devices=8)
 
 
 def test_mesh_shape_resolves_the_free_axis():
     cfg = tiny_config()
     cfg.mesh.update(data=-1, expert=4)
     assert config_lib.mesh_shape(cfg.mesh, 8) == dict(data=2, fsdp=1, expert=4, tensor=1)
-    config_lib.validate(cfg, num_devices=8)
+    validate.check(cfg, num_devices=8)
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path):
@@ -91,4 +92,14 @@ def test_saved_config_from_before_a_key_existed_still_loads(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps(saved))
     loaded = config_lib.from_json(str(tmp_path / 'config.json'))
     assert loaded.model.remat == 'none'
-    config_lib.validate(loaded, num_devices=8)
+    validate.check(loaded, num_devices=8)
+
+
+def test_saved_config_with_a_removed_key_still_loads(tmp_path):
+    saved = tiny_config().to_dict()
+    saved['moe']['router_dtype'] = 'float32'  # validated until 2026-12, never read
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    loaded = config_lib.from_json(str(tmp_path / 'config.json'))
+    assert 'router_dtype' not in loaded.moe
+    validate.check(loaded, num_devices=8)
+

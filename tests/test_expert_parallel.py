@@ -16,6 +16,7 @@ import pytest
 from configs import default
 from moejax import config as config_lib
 from moejax import mesh as mesh_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.moe import expert_parallel, experts
 from moejax.moe.routing import TokenChoice
@@ -153,9 +154,9 @@ def test_dropless_on_an_expert_axis_refuses_gspmd_in_one_line():
     cfg.mesh.update(data=1, expert=8)
     cfg.moe.comm = 'gspmd'
     with pytest.raises(ConfigError, match="moe.comm.*'auto' or 'all_to_all'"):
-        config_lib.validate(cfg, 8)
+        validate.check(cfg, 8)
     cfg.moe.comm = 'auto'
-    config_lib.validate(cfg, 8)
+    validate.check(cfg, 8)
 
 
 def test_configs_saved_before_the_ragged_exchange_keep_their_meaning(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import transformer as model
 from moejax.moe import dispatch, experts, grouped
@@ -203,10 +204,10 @@ def test_config_rejects_tokamax_when_missing(monkeypatch):
     cfg = tiny_config(grouped_matmul='tokamax')
     monkeypatch.setattr(config_lib.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(ConfigError, match=r"moe.grouped_matmul='tokamax'.*pip install"):
-        config_lib.validate(cfg, 1)
+        validate.check(cfg, 1)
     cfg.moe.grouped_matmul = 'fast'
     with pytest.raises(ConfigError, match='moe.grouped_matmul'):
-        config_lib.validate(cfg, 1)
+        validate.check(cfg, 1)
 
 
 def test_flops_per_token_counts_causal_attention_at_half():

@@ -17,11 +17,12 @@ LAYERS = (
     ('moejax.moe',),
     ('moejax.model',),
     ('moejax.data',),
+    ('moejax.validate',),
     ('moejax.run',),
     ('moejax.readers',),
     ('moejax.plan',),
     ('moejax.hf',),
-    ('moejax.cli', 'moejax.usage'),
+    ('moejax.cli', 'moejax.startup', 'moejax.usage'),
 )
 
 

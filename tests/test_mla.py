@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention, mla
 from moejax.readers import sampling
@@ -162,11 +162,11 @@ def test_mla_layout_matches_one_device(mesh, comm):
 def test_bad_mla_config_names_the_key(key, value):
     cfg = mla_config(**{key: value})
     with pytest.raises(ConfigError, match=f'model.{key}'):
-        config_lib.validate(cfg, 1)
+        validate.check(cfg, 1)
 
 
 def test_yarn_needs_mla():
     cfg = tiny_config()
     cfg.model.rope_scaling = 'yarn'
     with pytest.raises(ConfigError, match='model.rope_scaling'):
-        config_lib.validate(cfg, 1)
+        validate.check(cfg, 1)

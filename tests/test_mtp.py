@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import validate
 from moejax.run import evaluate as evaluate_lib
 from moejax.run import step as step_lib
 from tests.helpers import tiny_config
@@ -134,9 +135,8 @@ def test_mtp_with_scanned_layers_on_a_mesh_matches_one_device():
 
 @pytest.mark.parametrize('bad', [dict(mtp_depth=-1), dict(mtp_loss_weight=-0.1)])
 def test_bad_mtp_config_names_the_key(bad):
-    from moejax import config as config_lib
     from moejax.errors import ConfigError
     cfg = tiny_config()
     cfg.model.update(**bad)
     with pytest.raises(ConfigError, match=f'model.{next(iter(bad))}'):
-        config_lib.validate(cfg, 1)
+        validate.check(cfg, 1)

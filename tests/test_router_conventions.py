@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config, data, mesh
+from moejax import config, data, mesh, validate
 from moejax.moe import dispatch as D
 from moejax.moe import experts
 from moejax.moe import routing as R
@@ -401,13 +401,13 @@ def test_bad_conventions_are_config_errors(overrides, key):
     saved = tiny_config().to_dict()  # as a hand-edited config.json would hold them
     saved['moe'].update(overrides)
     with pytest.raises(config.ConfigError, match=key.replace('.', r'\.')):
-        config.validate(ml_collections.ConfigDict(saved), 1)
+        validate.check(ml_collections.ConfigDict(saved), 1)
 
 
 @pytest.mark.parametrize('name,devices', [('switch_base_t5x', 32), ('deepseek_v3_small', 1)])
 def test_recipes_validate(name, devices):
     recipe = __import__(f'configs.{name}', fromlist=['get_config'])
-    config.validate(recipe.get_config(), devices)
+    validate.check(recipe.get_config(), devices)
 
 
 def test_old_configs_load_with_todays_routing(tmp_path):
@@ -449,7 +449,7 @@ def train_briefly(cfg, corpus_dir):
     cfg.data.data_dir = corpus_dir
     cfg.opt.update(lr=3e-3, warmup_steps=2)
     cfg.mesh.update(data=1)
-    config.validate(cfg, 1)
+    validate.check(cfg, 1)
     setup = state_lib.make_setup(cfg, mesh.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
     state = state_lib.init_state(setup, seed=0)
     step_fn, eval_fn = step_lib.compile_steps(setup)

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
 from moejax.run import loop
@@ -146,9 +147,9 @@ def test_scan_needs_whole_periods():
     cfg = tiny_config(num_layers=3, moe_every=2)
     cfg.model.scan_layers = True
     with pytest.raises(ConfigError, match='model.scan_layers'):
-        config_lib.validate(cfg, 1)
+        validate.check(cfg, 1)
     cfg.model.scan_layers = None  # auto: too shallow and uneven, so unrolled
-    config_lib.validate(cfg, 1)
+    validate.check(cfg, 1)
     assert not config_lib.scans_layers(cfg)
     cfg.model.update(num_layers=8)
     assert config_lib.scans_layers(cfg)

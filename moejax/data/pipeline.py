@@ -277,8 +277,8 @@ def check_data(cfg) -> None:
     _require(isinstance(name, str) and bool(name), 'data.name', name,
              'use python_stdlib, text_files, or a registered TFDS dataset name')
     if name == 'text_files':
-        _require(d.get('text_format') in ('files', 'lines'), 'data.text_format',
-                 d.get('text_format'), "use 'files' (a document per file) or 'lines'")
+        _require(d.text_format in text_files.TEXT_FORMATS, 'data.text_format', d.text_format,
+                 "use 'files' (a document per file) or 'lines'")
         text_files.text_file_paths(cfg)
     elif name != 'python_stdlib':
         sources.tfds_builder(cfg)  # registered and prepared in data_dir

@@ -18,6 +18,7 @@ from moejax.data import corpus
 from moejax.data.corpus import TEXT_SPLITS, Documents, is_validation, validation_flags
 from moejax.errors import ConfigError
 
+TEXT_FORMATS = ('files', 'lines')  # data.text_format: a document per file or per line
 BINARY_PROBE_BYTES = 8192  # a NUL byte in this many first bytes marks a binary file
 SMALL_CORPUS_BYTES = 1 << 20  # a 'lines' corpus this small is split when opened (it is cheap)
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax import mesh as mesh_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.hf import config as hf_config
 from moejax.hf import deepseek, staging
@@ -93,7 +94,7 @@ def import_hf(hf_dir: str, workdir: str, base_cfg, fp8_dtype: str = 'float32') -
     _refuse_unknown(tensors, all_leaves + extra_leaves, hf_dir)
     kind, tokenizer = hf_tokenizer.find_tokenizer(hf_dir, cfg.data.vocab_size)
     cfg.data.tokenizer, cfg.data.tokenizer_path = kind or 'none', None
-    config_lib.validate(cfg, jax.device_count())
+    validate.check(cfg, jax.device_count())
     by_path = {leaf.path: leaf for leaf in all_leaves + extra_leaves}
 
     def streamed(path, a):
@@ -126,7 +127,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None,
     imported without one exports its weights alone), built aside and renamed into place."""
     staging.check_target(os.path.abspath(out_dir), '--to_hf')  # before the weights are read
     run = saved_run.open_run(workdir, step)
-    if run.cfg.model.get('attention_kind', 'mha') == 'mla':
+    if run.cfg.model.attention_kind == 'mla':
         family = deepseek.FAMILY
         deepseek.check_export(run.cfg)  # refusals come before anything is written
         params = deepseek.export_state(nnx.state(run.model).to_pure_dict(), run.cfg)
@@ -185,7 +186,7 @@ def upcycle(dense_workdir: str, workdir: str, cfg, step: int | None = None) -> d
     e = cfg.moe
     if e.gate_norm == 'raw' or (e.gate_norm == 'auto' and e.top_k == 1):
         e.routed_scaling_factor = e.routed_scaling_factor * e.num_experts / e.top_k
-    config_lib.validate(cfg, jax.device_count())
+    validate.check(cfg, jax.device_count())
     staging.check_target(os.path.abspath(workdir), '--workdir')
     dense = saved_run.open_run(dense_workdir, step, cfg=dense_cfg)
     flat = upcycled_params(nnx.state(model_lib.unrolled_model(dense.model, dense.cfg),

@@ -15,7 +15,7 @@ def attention_params(cfg) -> int:
     """One block's attention weights and its two norms."""
     m = cfg.model
     D, H = m.d_model, m.num_heads
-    if m.get('attention_kind', 'mha') == 'mla':
+    if m.attention_kind == 'mla':
         Q, C = m.q_lora_rank, m.kv_lora_rank
         K, U = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         query = D * Q + Q + Q * H * K if Q else D * H * K
@@ -24,9 +24,9 @@ def attention_params(cfg) -> int:
     head_dim = config_lib.head_dim(cfg)
     kv = m.num_kv_heads or H
     attn = D * head_dim * (2 * H + 2 * kv) + 2 * D
-    if m.get('qkv_bias', False):
+    if m.qkv_bias:
         attn += head_dim * (H + 2 * kv)
-    if m.get('qk_norm', False):
+    if m.qk_norm:
         attn += 2 * head_dim
     return attn
 
@@ -36,14 +36,14 @@ def param_counts(cfg) -> dict[str, int]:
     (model.mtp_depth, training only) are in both."""
     m, e = cfg.model, cfg.moe
     D, F, V = m.d_model, m.d_ff, cfg.data.vocab_size
-    depth = m.get('mtp_depth', 0)
+    depth = m.mtp_depth
     L = m.num_layers + depth  # MTP blocks are blocks too
     per_ffn = lambda width: (3 if m.activation == 'swiglu' else 2) * D * width
     expert = per_ffn(config_lib.expert_d_ff(cfg))
     n_moe = sum(is_moe_layer(cfg, i) for i in range(L))
     router = D * e.num_experts * (2 if e.router == 'noisy_top_k' else 1)
     shared_width = config_lib.shared_d_ff(cfg)
-    shared = per_ffn(shared_width) + (D if shared_width and e.get('shared_gate', False) else 0)
+    shared = per_ffn(shared_width) + (D if shared_width and e.shared_gate else 0)
     total = (2 * V * D + D + L * attention_params(cfg) + (L - n_moe) * per_ffn(F)
              + n_moe * (e.num_experts * expert + router + shared) + depth * (3 * D + 2 * D * D))
     experts_per_token = e.num_experts if e.router == 'soft' else e.top_k
@@ -58,10 +58,10 @@ def flops_per_token(cfg) -> float:
     x3 for the backward pass."""
     m = cfg.model
     counts = param_counts(cfg)
-    depth = m.get('mtp_depth', 0)
+    depth = m.mtp_depth
     matmul_params = (counts['active_params'] - counts['embedding_params']
                      + depth * counts['embedding_params'])
-    if m.get('attention_kind', 'mha') == 'mla':
+    if m.attention_kind == 'mla':
         qk_plus_v = m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim
     else:
         qk_plus_v = 2 * config_lib.head_dim(cfg)

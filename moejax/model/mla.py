@@ -26,6 +26,8 @@ from moejax.model import attention
 from moejax.model.layers import RMSNorm, rotary_by_freq
 from moejax.sharding import param
 
+ROPE_SCALINGS = ('none', 'yarn')
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
@@ -43,7 +45,7 @@ def rope_frequencies(m, dim: int) -> tuple[np.ndarray, float, float]:
     """
     base = float(m.rope_base)
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    if m.get('rope_scaling', 'none') != 'yarn':
+    if m.rope_scaling != 'yarn':
         return (1.0 / pos_freqs).astype(np.float32), 1.0, 1.0
     factor, orig = float(m.rope_factor), float(m.rope_original_max_len)
     correction = lambda rotations: (dim * math.log(orig / (rotations * 2 * math.pi))
@@ -80,7 +82,7 @@ class MLA(nnx.Module):
         self.implementation, self.block = m.attention, m.attention_block
         freq_R, self.cos_scale, self.softmax_scale = rope_frequencies(m, R)
         self.freq_R = tuple(float(f) for f in freq_R)  # static: not a parameter
-        eps = m.get('norm_eps', 1e-6)
+        eps = m.norm_eps
         if self.q_lora:
             self.wq_a_DQ = param(rngs, (D, self.q_lora), ('embed', 'q_lora'), D)
             self.q_norm = RMSNorm(self.q_lora, eps)

@@ -11,6 +11,7 @@ from moejax.moe import experts
 from moejax.moe.block import MoEBlock
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+ATTENTION_KINDS = ('mha', 'mla')  # model.attention_kind: standard (GQA) or latent attention
 
 
 
@@ -20,16 +21,16 @@ class Block(nnx.Module):
 
     def __init__(self, cfg, use_moe: bool, *, rngs: nnx.Rngs):
         m = cfg.model
-        eps = m.get('norm_eps', 1e-6)
+        eps = m.norm_eps
         self.attn_norm = layers.RMSNorm(m.d_model, eps)
-        if m.get('attention_kind', 'mha') == 'mla':
+        if m.attention_kind == 'mla':
             self.attn = mla.MLA(cfg, rngs=rngs)
         else:
             self.attn = layers.Attention(
                 m.d_model, m.num_heads, m.num_kv_heads or m.num_heads, m.rope_base,
                 implementation=m.attention, block=m.attention_block,
-                head_dim=m.get('head_dim', 0), qkv_bias=m.get('qkv_bias', False),
-                qk_norm=m.get('qk_norm', False), norm_eps=eps, rngs=rngs)
+                head_dim=m.head_dim, qkv_bias=m.qkv_bias,
+                qk_norm=m.qk_norm, norm_eps=eps, rngs=rngs)
         self.ffn_norm = layers.RMSNorm(m.d_model, eps)
         self.ffn = (MoEBlock(cfg, rngs=rngs) if use_moe
                     else experts.MLP(m.d_model, m.d_ff, m.activation, rngs=rngs))
@@ -62,6 +63,7 @@ REMAT_POLICIES = {
     'block': jax.checkpoint_policies.nothing_saveable,
     'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMATS = ('none', *REMAT_POLICIES)
 
 
 
@@ -142,7 +144,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         m = cfg.model
         self.dtype = DTYPES[m.dtype]
-        self.remat = m.get('remat', 'none')
+        self.remat = m.remat
         self.scan = config_lib.scans_layers(cfg)
         self.embed = layers.Embed(cfg.data.vocab_size, m.d_model, rngs=rngs)
         blocks = [Block(cfg, is_moe_layer(cfg, i), rngs=rngs) for i in range(m.num_layers)]
@@ -150,13 +152,13 @@ class Transformer(nnx.Module):
             self.stack = stacked_periods(blocks, config_lib.scan_period(cfg))
         else:
             self.blocks = nnx.List(blocks)
-        self.final_norm = layers.RMSNorm(m.d_model, m.get('norm_eps', 1e-6))
+        self.final_norm = layers.RMSNorm(m.d_model, m.norm_eps)
         self.head_DV = sharding.param(rngs, (m.d_model, cfg.data.vocab_size), ('embed', 'vocab'),
                                     m.d_model)
         self.num_layers = m.num_layers
-        if m.get('mtp_depth', 0):  # built last: models without MTP keep their initial weights
+        if m.mtp_depth:  # built last: models without MTP keep their initial weights
             self.mtp = nnx.List([mtp.MTPModule(
-                m.d_model, m.get('norm_eps', 1e-6),
+                m.d_model, m.norm_eps,
                 Block(cfg, is_moe_layer(cfg, m.num_layers + k), rngs=rngs), rngs=rngs)
                 for k in range(m.mtp_depth)])
 

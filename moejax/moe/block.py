@@ -28,7 +28,7 @@ class MoEBlock(nnx.Module):
         # Qwen2-MoE: the shared experts' output is scaled by sigmoid(x @ w), a learned per-token
         # choice between the shared FFN and the routed experts (NLLB-200's two-level gate).
         self.shared_gate_D1 = (sharding.param(rngs, (D, 1), ('embed', None), D)
-                               if shared_width and e.get('shared_gate', False) else None)
+                               if shared_width and e.shared_gate else None)
 
     def expert_weights(self, dtype) -> experts.ExpertWeights:
         w_gate = self.w_gate_EDF[...].astype(dtype) if self.w_gate_EDF is not None else None
@@ -38,7 +38,7 @@ class MoEBlock(nnx.Module):
     def __call__(self, x_BTD, segment_ids_BT, *, train: bool, rng=None):
         """Returns y_BTD and this layer's routing statistics and (unweighted) losses."""
         e = self.moe_cfg
-        seq_len = x_BTD.shape[1] if e.get('seq_aux_loss_weight', 0.0) > 0 else 0
+        seq_len = x_BTD.shape[1] if e.seq_aux_loss_weight > 0 else 0
         return self._apply(x_BTD, segment_ids_BT > 0, e.group_size or x_BTD.shape[1],
                            train=train, rng=rng, seq_len=seq_len, parallel=True)
 

@@ -25,6 +25,7 @@ from moejax import sharding, target
 from moejax.errors import ConfigError
 from moejax.moe import grouped
 
+ACTIVATIONS = ('gelu', 'swiglu')  # model.activation
 BACKENDS = ('auto', 'blocks', 'ragged_dot', 'tokamax')
 KEY = 'moe.grouped_matmul'
 

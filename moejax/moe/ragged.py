@@ -132,27 +132,40 @@ def send_rows(x_RD, count_E, *, buffer_rows: int, axis_name: str):
                            tiled=True)
     output_offsets_N, send_sizes_N = reply[:, 0], reply[:, 1]
     # 4. Which rows were dropped: past what their peer took of their chunk.
-    row_R = jnp.arange(num_rows, dtype=jnp.int32)
-    peer_R = jnp.searchsorted(jnp.cumsum(send_total_N), row_R, side='right')
-    real_R = peer_R < n
-    peer_R = jnp.minimum(peer_R, n - 1)
-    dropped_R = real_R & (row_R - input_offsets_N[peer_R] >= send_sizes_N[peer_R])
+    dropped_R = _dropped_rows(num_rows, send_total_N, input_offsets_N, send_sizes_N)
     # 5. The rows, into a peer-major buffer.
     buffer_BD = jnp.zeros((buffer_rows,) + x_RD.shape[1:], x_RD.dtype)
     got_BD = ragged_all_to_all(x_RD, buffer_BD, input_offsets_N, send_sizes_N, output_offsets_N,
                                recv_sizes_N, axis_name=axis_name)
-    # 6. Expert-major: label each buffer row with its local expert (L for the empty tail) and
-    #    sort stably, which keeps peer order within an expert.
+    # 6. Expert-major, peer order within an expert.
+    kept_NL, order_B = _expert_major(got_count_NL, recv_sizes_N, buffer_rows)
+    exchange = Exchange(input_offsets_N, send_sizes_N, output_offsets_N, recv_sizes_N,
+                        recv_offsets_N, peer_offsets_N, order_B, dropped_R)
+    return got_BD[order_B], jnp.sum(kept_NL, axis=0), exchange
+
+
+def _dropped_rows(num_rows, send_total_N, input_offsets_N, send_sizes_N):
+    """[R] bool: the rows past what their peer took of their chunk (padding rows: False)."""
+    n = send_total_N.shape[0]
+    row_R = jnp.arange(num_rows, dtype=jnp.int32)
+    peer_R = jnp.searchsorted(jnp.cumsum(send_total_N), row_R, side='right')
+    real_R = peer_R < n
+    peer_R = jnp.minimum(peer_R, n - 1)
+    return real_R & (row_R - input_offsets_N[peer_R] >= send_sizes_N[peer_R])
+
+
+def _expert_major(got_count_NL, recv_sizes_N, buffer_rows):
+    """(kept_NL, order_B): the rows kept from each peer for each local expert, and the order
+    that makes the peer-major buffer expert-major: each buffer row is labelled with its local
+    expert (L for the empty tail) and sorted stably, which keeps peer order within an expert."""
+    n, num_local = got_count_NL.shape
     kept_NL = jnp.clip(recv_sizes_N[:, None] - _exclusive_cumsum(got_count_NL, axis=1), 0,
                        got_count_NL)
     label_S = jnp.concatenate([jnp.tile(jnp.arange(num_local, dtype=jnp.int32), n),
                                jnp.array([num_local], jnp.int32)])
     repeat_S = jnp.concatenate([kept_NL.reshape(-1), (buffer_rows - jnp.sum(kept_NL))[None]])
     label_B = jnp.repeat(label_S, repeat_S, total_repeat_length=buffer_rows)
-    order_B = jnp.argsort(label_B, stable=True).astype(jnp.int32)
-    exchange = Exchange(input_offsets_N, send_sizes_N, output_offsets_N, recv_sizes_N,
-                        recv_offsets_N, peer_offsets_N, order_B, dropped_R)
-    return got_BD[order_B], jnp.sum(kept_NL, axis=0), exchange
+    return kept_NL, jnp.argsort(label_B, stable=True).astype(jnp.int32)
 
 
 def return_rows(y_BD, exchange: Exchange, *, num_rows: int, axis_name: str):

@@ -71,8 +71,8 @@ class Conventions(NamedTuple):
 
 
 def conventions(moe_cfg) -> Conventions:
-    """The router conventions of a moe config; keys it lacks keep their defaults."""
-    return Conventions(**{k: moe_cfg.get(k, v) for k, v in Conventions._field_defaults.items()})
+    """The router conventions of a moe config."""
+    return Conventions(**{k: moe_cfg[k] for k in Conventions._fields})
 
 
 class ExpertBias(nnx.Variable):
@@ -100,8 +100,8 @@ def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: flo
 def expert_capacity(moe_cfg, group_size: int, capacity_factor: float) -> int:
     """`capacity` with a moe config's num_experts, top_k, capacity_rule and min_capacity."""
     return capacity(group_size, moe_cfg.num_experts, moe_cfg.top_k, capacity_factor,
-                    rule=moe_cfg.get('capacity_rule', 'gshard'),
-                    min_capacity=moe_cfg.get('min_capacity', 1))
+                    rule=moe_cfg.capacity_rule,
+                    min_capacity=moe_cfg.min_capacity)
 
 
 def updated_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:

@@ -16,7 +16,7 @@ import numpy as np
 
 from moejax import config as config_lib
 from moejax import mesh as mesh_lib
-from moejax import target
+from moejax import target, validate
 from moejax.model import transformer as model_lib
 from moejax.plan import targets
 from moejax.run import state as state_lib
@@ -71,7 +71,7 @@ def abstract_batch(setup) -> dict:
 def make_setup(cfg, at: Where | None = None):
     """Validate cfg for the devices and trace its model abstractly (nothing compiled)."""
     at = at or where()
-    config_lib.validate(cfg, at.count)
+    validate.check(cfg, at.count)
     shape = config_lib.mesh_shape(cfg.mesh, at.count)
     if at.found is None:
         mesh = mesh_lib.make_mesh(cfg.mesh, at.devices)

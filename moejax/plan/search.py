@@ -14,7 +14,7 @@ import re
 import time
 
 from moejax import config as config_lib
-from moejax import target
+from moejax import target, validate
 from moejax.errors import ConfigError
 from moejax.plan import estimate, targets
 
@@ -63,7 +63,7 @@ def mesh_candidates(cfg, devices: int) -> list[dict]:
 
 def _valid(cfg, layout: dict, devices: int, grad_accum: int) -> bool:
     try:
-        config_lib.validate(variant(cfg, layout, cfg.model.remat, grad_accum), devices)
+        validate.check(variant(cfg, layout, cfg.model.remat, grad_accum), devices)
         return True
     except ConfigError:
         return False
@@ -216,7 +216,7 @@ def _time_left(start: float, done: int, total: int) -> str:
 def _why_none(cfg, layout: dict, devices: int) -> str:
     """Why no micro-batch count gives this layout a valid config: validate's own words."""
     try:
-        config_lib.validate(variant(cfg, layout, cfg.model.remat, 1), devices)
+        validate.check(variant(cfg, layout, cfg.model.remat, 1), devices)
     except ConfigError as err:
         return f'invalid for every grad_accum: {err}'
     return 'invalid for every grad_accum tried'

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import mesh as mesh_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
 from moejax.readers import sampling
@@ -74,7 +75,7 @@ def run_config(workdir: str, cfg=None, dtype: str | None = None):
             raise ConfigError('dtype', dtype, f'use one of {", ".join(model_lib.DTYPES)}')
         cfg = cfg.copy_and_resolve_references()
         cfg.model.dtype = dtype
-    config_lib.validate(cfg, jax.device_count())
+    validate.check(cfg, jax.device_count())
     return cfg
 
 

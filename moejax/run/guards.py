@@ -164,7 +164,7 @@ class GoodCheckpoints:
 
 
 def spike_factor(cfg) -> float:
-    return float(cfg.train.get('spike_factor', 0.0) or 0.0)
+    return float(cfg.train.spike_factor or 0.0)
 
 
 class SpikeGuard:

@@ -12,6 +12,7 @@ import numpy as np
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import mesh as mesh_lib
+from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import transformer
 from moejax.run import banner
@@ -51,7 +52,7 @@ def prepare(cfg, workdir: str, *, for_training: bool = True, restart: bool = Fal
 
     A training run first checks the config against the workdir's saved run (resume_guard); an
     evaluation writes nothing into the workdir (it may be read-only)."""
-    config_lib.validate(cfg, jax.device_count())
+    validate.check(cfg, jax.device_count())
     if for_training:
         config_lib.check_workdir(workdir)
     data_lib.check_data(cfg)

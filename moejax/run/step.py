@@ -65,7 +65,7 @@ def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
     def loss_fn(params):
         model = nnx.merge(setup.graphdef, params, state.extra)
         m = setup.cfg.model
-        if m.get('mtp_depth', 0):
+        if m.mtp_depth:
             logits, stats, heads = model.forward_with_mtp(
                 batch['inputs'], batch['segment_ids'], batch['positions'], batch['targets'],
                 train=True, rng=rng)
@@ -77,7 +77,7 @@ def micro_grads(setup: Setup, state: TrainState, batch, rng, num_tokens, share):
                      z_loss=share['tokens'] * parts['z_loss'])
         if 'seq_aux_loss' in parts:  # a mean over rows with real tokens
             parts['seq_aux_loss'] = share['rows'] * parts['seq_aux_loss']
-        if m.get('mtp_depth', 0):
+        if m.mtp_depth:
             parts.update(mtp_parts(heads, num_tokens, m.mtp_loss_weight))
         stats = jax.tree.map(lambda x: share['tokens'] * x, stats)
         return total_loss(parts, setup.cfg.moe), (parts, stats)
