@@ -36,8 +36,10 @@ COMMANDS = {
                 '[--step=N] [--max_shard_mb=5000] | --upcycle_from=DENSE_DIR --workdir=NEW '
                 '--config=MOE_CONFIG [--step=N]'),
     'plan': ('Rank mesh layouts, remat policies and micro-batches that fit --devices of '
-             '--device_memory, compiled on CPU-simulated devices.',
-             '--config=... --devices=N [--device_memory=80GB] [--remat --grad_accum --meshes]'),
+             '--device_memory: compiled for --target (a TPU slice through libtpu, GPUs through the '
+             'CUDA plugin; else lowered for it), or on CPU-simulated devices without one.',
+             '--config=... --devices=N [--target=tpu-v5p] [--device_memory=80GB] [--remat '
+             '--grad_accum --meshes]'),
 }
 
 

@@ -62,6 +62,15 @@ def test_hlo_costs_count_loop_bodies_by_their_trips():
     assert costs['collective_bytes'] == 0
 
 
+def test_hlo_costs_count_convolutions_as_the_tpu_writes_matmuls():
+    """A 3x3 convolution, 3 -> 4 channels, on 2 images of 8x8 (VALID): each of the 2*4*6*6
+    outputs sums 3*3*3 products."""
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID')
+    compiled = jax.jit(conv).lower(jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3))).compile()
+    assert 'convolution(' in compiled.as_text()
+    assert estimate.hlo_costs(compiled.as_text())['dot_flops'] == 2 * (2 * 4 * 6 * 6) * 27
+
+
 def test_parse_bytes():
     assert plan.parse_bytes('80GB') == 80 * 10**9
     assert plan.parse_bytes('80GiB') == 80 * 2**30

@@ -63,6 +63,17 @@ def _dot_flops(shape, operands, attrs, shapes) -> float:
     return 2.0 * k * sum(math.prod(d) for _, d in _arrays(shape))
 
 
+def _conv_flops(shape, operands, attrs, shapes) -> float:
+    """2 x output elements x what each sums over: the kernel's input features (per feature
+    group) times its window, read from the kernel's dim_labels (o: output features)."""
+    rhs = _arrays(shapes.get(operands[1], '')) if len(operands) > 1 else []
+    labels = re.search(r'dim_labels=\w+_(\w+)->', attrs)
+    if not rhs or not labels or len(labels.group(1)) != len(rhs[0][1]):
+        return 0.0
+    k = math.prod(d for label, d in zip(labels.group(1), rhs[0][1]) if label != 'o')
+    return 2.0 * k * sum(math.prod(d) for _, d in _arrays(shape))
+
+
 def _callees(attrs: str) -> list[str]:
     """Computations an instruction runs (fusions, loop bodies, branches); not reducers."""
     names = re.findall(r'(?:calls|body|condition)=%([\w.\-]+)', attrs)
@@ -84,8 +95,10 @@ def hlo_costs(text: str) -> dict:
         memo[key] = (0.0, 0.0)  # guards against (impossible) recursion
         flops = coll = 0.0
         for _, shape, opcode, operands, attrs in computations.get(comp, []):
-            if opcode in ('dot', 'convolution'):
+            if opcode == 'dot':
                 flops += _dot_flops(shape, operands, attrs, shapes)
+            elif opcode == 'convolution':  # how the TPU compiler writes most matmuls
+                flops += _conv_flops(shape, operands, attrs, shapes)
             elif opcode.removesuffix('-start') in COLLECTIVES:
                 coll += _nbytes(shape)
             trips = 1

@@ -104,6 +104,9 @@ def target_devices(name: str, count: int) -> TargetDevices:
             desc = topologies.get_topology_desc(topology, 'tpu', num_slices=slices)
             how = f'compiled for TPU topology {topology}' + (f' x {slices} slices' * (slices > 1))
         else:
+            if name not in GPU_SPECS:
+                raise RuntimeError(f'moejax has no compile-only description of {c.device_kind} '
+                                   f'(only {", ".join(GPU_SPECS)})')
             if not any(importlib.util.find_spec(p) for p in xla_flags.CUDA_PLUGINS):
                 raise RuntimeError('the CUDA plugin is not installed')
             if (jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')) != 'cpu':
