@@ -19,7 +19,6 @@ run resumes from its workdir.
 import argparse
 import math
 import os
-import time
 
 import common  # the repository on sys.path, the machine's name
 import quality  # the dense-vs-MoE benchmark: its config, curve and crossing helpers
@@ -129,18 +128,8 @@ def plot(result: dict, path: str) -> None:
 
 def main():
     args = parse_args()
-    start = time.time()
-    if args.train_only or args.jobs <= 1:
-        for seed in args.seeds:
-            study.train_seed(seed, arms(args), args)
-        if args.train_only:
-            return
-    else:
-        study.train_all(os.path.abspath(__file__), worker_argv(args), args)
-    result = summarise(study.load_runs(args, list(arms(args))), args)
-    result['wall_seconds'] = round(time.time() - start, 1)
-    common.save_json(result, args.out, indent=1)
-    plot(result, args.plot)
+    study.run(os.path.abspath(__file__), args, arms=arms(args), worker_argv=worker_argv(args),
+              summarise=summarise, plot=plot)
 
 
 if __name__ == '__main__':

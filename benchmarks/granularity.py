@@ -17,7 +17,6 @@ loss against step per arm, and final loss against G with the fitted law.
 import argparse
 import math
 import os
-import time
 
 import numpy as np
 
@@ -193,18 +192,8 @@ def label(row: dict) -> str:
 
 def main():
     args = parse_args()
-    start = time.time()
-    if args.train_only or args.jobs <= 1:
-        for seed in args.seeds:
-            study.train_seed(seed, arms(args), args)
-        if args.train_only:
-            return
-    else:
-        study.train_all(os.path.abspath(__file__), worker_argv(args), args)
-    result = summarise(study.load_runs(args, list(arm_specs(args))), args)
-    result['wall_seconds'] = round(time.time() - start, 1)
-    common.save_json(result, args.out, indent=1)
-    plot(result, args.plot)
+    study.run(os.path.abspath(__file__), args, arms=arms(args), worker_argv=worker_argv(args),
+              summarise=summarise, plot=plot)
 
 
 if __name__ == '__main__':

@@ -15,8 +15,9 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
-import common  # noqa: F401 - the repository on sys.path
+import common  # the repository on sys.path; save_json
 import quality
 
 
@@ -102,6 +103,23 @@ def train_all(script: str, worker_argv: list[str], args) -> None:
                                         os.sched_setaffinity(0, {c})))
     for worker in workers:
         _wait(worker)
+
+
+def run(script: str, args, *, arms: dict, worker_argv: list[str], summarise, plot) -> None:
+    """A study's main: train every arm of every seed (here, or in --jobs workers), then
+    summarise the runs into args.out and plot them into args.plot."""
+    start = time.time()
+    if args.train_only or args.jobs <= 1:
+        for seed in args.seeds:
+            train_seed(seed, arms, args)
+        if args.train_only:
+            return
+    else:
+        train_all(script, worker_argv, args)
+    result = summarise(load_runs(args, list(arms)), args)
+    result['wall_seconds'] = round(time.time() - start, 1)
+    common.save_json(result, args.out, indent=1)
+    plot(result, args.plot)
 
 
 def shared_argv(args) -> list[str]:

@@ -9,7 +9,6 @@ tokenizers and packed arrays built from it can be cached under data_dir.
 import contextlib
 import fcntl
 import hashlib
-import logging
 import os
 import tempfile
 import time
@@ -96,18 +95,6 @@ class Documents:
 
     def get(self, indices: Sequence[int]) -> list[str]:
         return self._fetch([int(i) for i in indices])
-
-
-@contextlib.contextmanager
-def quiet_absl():
-    """Hide TFDS's warnings about its own half-written folders while it prepares a dataset."""
-    logger = logging.getLogger('absl')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # -------------------------------------------------------------------------------- progress

@@ -4,6 +4,7 @@ nothing is downloaded at run time).
 """
 import tensorflow_datasets as tfds
 
+from moejax import errors
 from moejax.data import corpus, stdlib_corpus, text_files
 from moejax.data.corpus import Documents
 from moejax.errors import ConfigError
@@ -26,7 +27,7 @@ def tfds_builder(cfg) -> tfds.core.DatasetBuilder:
         return stdlib_corpus.prepared_stdlib_builder(cfg)
     check_tfds_name(name)
     try:
-        with corpus.quiet_absl():
+        with errors.quiet():
             builder = tfds.builder(name, data_dir=corpus.data_dir(cfg))
             prepared = builder.is_prepared()
     except Exception as e:  # e.g. an unknown config or version in 'name/config:version'

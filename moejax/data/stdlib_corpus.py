@@ -24,6 +24,7 @@ import sysconfig
 import tensorflow_datasets as tfds
 from etils import epath
 
+from moejax import errors
 from moejax.data import corpus
 
 tfds.disable_progress_bar()
@@ -158,7 +159,7 @@ def prepared_stdlib_builder(cfg) -> tfds.core.DatasetBuilder:
     the one there was built from another standard library (one line says so)."""
     make = lambda: PythonStdlib(data_dir=corpus.data_dir(cfg), file_format='array_record')
     digest = stdlib_manifest().digest
-    with corpus.quiet_absl():
+    with errors.quiet():
         builder = make()
         if builder.is_prepared() and stored_digest(builder) == digest:
             return builder

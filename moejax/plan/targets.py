@@ -14,7 +14,6 @@ planned is the program the accelerator would run.
 import contextlib
 import dataclasses
 import importlib.util
-import logging
 import math
 import os
 
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh
 
-from moejax import target, xla_flags
+from moejax import errors, target, xla_flags
 from moejax.errors import ConfigError
 from moejax.sharding import MESH_AXES
 
@@ -151,7 +150,7 @@ def tracing_for(found: TargetDevices):
     cross-compile switch when the host is not a TPU."""
     with contextlib.ExitStack() as stack:
         # tokamax logs every autotuning-cache miss (no tuned configs for a chip not here)
-        stack.enter_context(_quiet('absl'))
+        stack.enter_context(errors.quiet('absl'))
         if found.chip.platform == 'gpu' and found.devices:
             stack.enter_context(jax.default_device(found.devices[0]))
         if found.chip.platform == 'tpu':
@@ -159,17 +158,6 @@ def tracing_for(found: TargetDevices):
             if tokamax is not None:
                 stack.enter_context(tokamax.cross_compile(True))
         yield
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _tokamax_config():
