@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib
 from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import transformer as model
@@ -202,7 +201,7 @@ def test_backend_choice(monkeypatch):
 
 def test_config_rejects_tokamax_when_missing(monkeypatch):
     cfg = tiny_config(grouped_matmul='tokamax')
-    monkeypatch.setattr(config_lib.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setattr(validate.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(ConfigError, match=r"moe.grouped_matmul='tokamax'.*pip install"):
         validate.check(cfg, 1)
     cfg.moe.grouped_matmul = 'fast'
