@@ -20,15 +20,15 @@ import os
 import statistics
 import time
 
+import common  # puts the repository on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import common  # puts the repository on sys.path
-from moejax import config as config_lib  # noqa: E402
 from moejax import mesh as mesh_lib  # noqa: E402
-from moejax.run import metrics as metrics_lib  # noqa: E402
+from moejax import validate
 from moejax.model import transformer as model_lib  # noqa: E402
+from moejax.run import metrics as metrics_lib  # noqa: E402
 from moejax.run import state as state_lib  # noqa: E402
 from moejax.run import step as step_lib  # noqa: E402
 
@@ -64,7 +64,7 @@ class Model:
     """One config's jitted train step, its state and a fixed batch."""
 
     def __init__(self, cfg):
-        config_lib.validate(cfg, jax.device_count())
+        validate.check(cfg, jax.device_count())
         self.cfg = cfg
         self.setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
         self.state = state_lib.init_state(self.setup, cfg.train.seed)

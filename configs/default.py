@@ -8,6 +8,8 @@ chose this recipe, and its measurements are in docs/expert_scaling.md.
 Variants (`--config=configs/default.py:VARIANT`, comma-separated to combine):
     dense   the same model with dense FFNs only (moe_every=0)
     gshard  top-2 routing (GShard)
+    fine    fine-grained experts, granularity 4 (docs/granularity.md): 128 experts of d_ff / 4,
+            top-4: the dense FFN's active and 32 Switch experts' total parameters
     wide    the default until the expert-scaling study: d_model 128, d_ff 512, MoE in every
             other FFN, capacity routing (sort, 1.25) over one sequence, cosine, 300 steps; the
             large recipes in configs/ and `tiny` build on it
@@ -152,6 +154,8 @@ def _apply_variant(cfg, arg):
             cfg.model.moe_every = 0
         elif variant == 'gshard':
             cfg.moe.top_k = 2
+        elif variant == 'fine':
+            cfg.moe.update(num_experts=128, top_k=4, expert_d_ff=cfg.model.d_ff // 4)
         elif variant == 'wide':
             # The default before the expert-scaling study (docs/expert_scaling.md).
             cfg.model.update(d_model=128, d_ff=512, moe_every=2)
@@ -167,4 +171,4 @@ def _apply_variant(cfg, arg):
             cfg.opt.warmup_steps = 2
         else:
             raise ValueError(f'configs/default.py: unknown variant {variant!r}; '
-                                              'known: dense, gshard, wide, tiny')
+                                              'known: dense, gshard, fine, wide, tiny')

@@ -20,19 +20,10 @@ def get_config(arg: str | None = None):
                    dispatch='dropless', aux_loss_weight=1e-2, z_loss_weight=1e-3)
     cfg.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
     cfg.data.update(vocab_size=32000, seq_len=2048, batch_size=16)
-    # One 80 GB GPU: the whole batch (16 rows, 32k tokens) as one micro-batch, with
-    # model.remat='minimal' (weight-matmul outputs kept, the rest recomputed). The dry run
-    # (--dry_run --simulated_devices=1 --config.model.attention=chunked, a CPU compile standing
-    # in for the GPU's fused attention) puts 12.4 GB of state (float32 params + Adam) plus, for
-    # temporaries: 24.3 GB here (36.7 GB in all; the dense variant 33.8 GB); 34.4 GB with
-    # grad_accum=2 and no remat (46.8 GB); 15.7 GB with remat='block' (28.1 GB); 13.5 GB with
-    # grad_accum=16 (26.0 GB).
-    # Without remat, 16 rows would need ~58 GB of temporaries (~3 GB per row): past the 60 GB
-    # that JAX takes of an 80 GB GPU by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.75). The
-    # largest micro-batch keeps every matmul large (32k rows) and needs no accumulation loop;
-    # 'minimal' keeps the plain weight matmuls' outputs and recomputes the rest (elementwise
-    # work, attention scores, routing, the experts' grouped matmuls). If that recompute costs
-    # more than it gains, grad_accum=2 with remat='none' also fits (46.8 GB).
+    # One 80 GB GPU: the whole batch (16 rows, 32k tokens) as one micro-batch, every matmul
+    # large and no accumulation loop; model.remat='minimal' keeps the plain weight matmuls'
+    # outputs and recomputes the rest, so the step fits. The dry-run figures behind this
+    # choice, and the alternatives that also fit: docs/plans.md.
     cfg.model.remat = 'minimal'
     cfg.opt.update(lr=3e-4, warmup_steps=2_000, weight_decay=0.1, grad_accum=1)
     cfg.train.update(num_steps=100_000, log_every=50, eval_every=2_000, checkpoint_every=2_000)

@@ -9,7 +9,7 @@ from configs import switch_base_8
 
 def get_config(arg: str | None = None):
     cfg = switch_base_8.get_config('128')
-    # launch/plan.py on 64 devices of 80 GB ranks first: experts over all 64 (two per device),
-    # no remat, the whole batch per step (1.1 + 2.2 + 5.7 = 9.0 GB per device).
+    # Experts over all 64 devices (two per device), no remat, the whole batch per step: the
+    # layout launch/plan.py ranks first on 64 devices of 80 GB (docs/plans.md).
     cfg.mesh.update(data=-1, fsdp=1, expert=64)
     return cfg

@@ -19,8 +19,8 @@ def get_config(arg: str | None = None):
                      dtype='bfloat16', moe_every=2, activation='gelu')
     cfg.moe.update(num_experts=int(arg or 8), top_k=1, capacity_factor=1.25,
                    eval_capacity_factor=2.0, dispatch='sort', jitter=0.01)
-    # launch/plan.py on 32 devices of 80 GB ranks first: experts over 8, the rest fsdp (4),
-    # no remat, the whole batch per step (0.2 + 0.4 + 7.8 = 8.4 GB per device).
+    # Experts over 8, the rest fsdp (4), no remat, the whole batch per step: the layout
+    # launch/plan.py ranks first on 32 devices of 80 GB (docs/plans.md).
     cfg.mesh.update(data=1, fsdp=-1, expert=8)
     cfg.data.update(vocab_size=32128, seq_len=512, batch_size=256)
     cfg.opt.update(lr=1e-3, warmup_steps=10_000, schedule='rsqrt', weight_decay=0.0)
