@@ -81,26 +81,6 @@ def test_blocked_grouped_ffn_gradients_match_ragged_dot(gated):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('gated', [False, True])
-def test_batched_ffn_matches_numpy_and_the_loops_gradients(gated):
-    """One batched matmul over row blocks (narrow experts) gives the row-by-row result, zeros
-    past the groups, and the gradients of the block loops' custom backward."""
-    w = weights(5, len(SIZES), gated)
-    x = jax.random.normal(jax.random.key(6), (ROWS, D))
-    sizes = jnp.asarray(SIZES, jnp.int32)
-    y = grouped.batched_ffn(x, *w, sizes, 2, experts.activate)
-    np.testing.assert_allclose(y, np_grouped_ffn(x, *w, SIZES), rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(y)[sum(SIZES):] == 0.0)
-    probe = jax.random.normal(jax.random.key(7), (ROWS, D))
-
-    def grads(ffn):
-        return jax.jit(jax.grad(lambda x, w: jnp.sum(ffn(x, w) * probe), argnums=(0, 1)))(x, w)
-    got = grads(lambda x, w: grouped.batched_ffn(x, *w, sizes, 2, experts.activate))
-    want = grads(lambda x, w: blocked(x, *w, sizes, (8, 2)))
-    for got, want in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_gather_rows_gradient_is_the_gather_transpose():
     """gather_rows' gather-by-inverse gradient equals the scatter-add autodiff of a plain gather."""
     rng = np.random.default_rng(0)

@@ -151,12 +151,6 @@ def grouped_ffn(w: ExpertWeights, x_MD, group_sizes_E, backend: str = 'auto'):
     dt = x_MD.dtype
     w_in, w_out = w.w_in_EDF.astype(dt), w.w_out_EFD.astype(dt)
     w_gate = None if w.w_gate_EDF is None else w.w_gate_EDF.astype(dt)
-    if backend == 'blocks' and w_in.shape[-1] <= grouped.CPU_BLOCKS[-1]:
-        # Narrow experts (fine-grained, e.g. 256 of width 32): the loops' overhead per expert
-        # outweighs their small matmuls; measured 90 -> 55 ms fwd+bwd at 256 experts of width
-        # 32 (benchmarks/granularity_cost.py)
-        return grouped.batched_ffn(x_MD, w_in, w_gate, w_out, group_sizes_E,
-                                   grouped.CPU_BLOCKS[-1], activate)
     if backend == 'blocks':
         return grouped.blocked_ffn(x_MD, w_in, w_gate, w_out, group_sizes_E, grouped.CPU_BLOCKS,
                                    activate)

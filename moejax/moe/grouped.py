@@ -141,24 +141,6 @@ def blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, ac
     return _blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate)
 
 
-def batched_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, block, activate):
-    """blocked_ffn's result as one batched matmul over row blocks: each block of `block` rows
-    (all in one group, as in a padded layout) is multiplied by its own expert's weights,
-    gathered per block. For narrow experts (d_ff <= block), where the loops' per-expert
-    overhead dominates and the gathered weights take no more memory than the rows; the
-    gradient of the gather sums each expert's blocks."""
-    m, d = x_MD.shape
-    num_blocks = m // block
-    expert_B = jnp.repeat(jnp.arange(group_sizes_E.shape[0], dtype=jnp.int32),
-                          group_sizes_E // block, total_repeat_length=num_blocks)
-    used_B = jnp.arange(num_blocks) < jnp.sum(group_sizes_E) // block
-    x_BbD = x_MD.reshape(num_blocks, block, d)
-    mm = lambda a, w_EXY: jnp.einsum('nbx,nxy->nby', a, w_EXY[expert_B])
-    h_gate = None if w_gate_EDF is None else mm(x_BbD, w_gate_EDF)
-    y_BbD = mm(activate(mm(x_BbD, w_in_EDF), h_gate), w_out_EFD)
-    return jnp.where(used_B[:, None, None], y_BbD, 0).reshape(m, d).astype(x_MD.dtype)
-
-
 def _expert_loop(group_sizes_E, expert_fn, carry):
     """carry = expert_fn(e, row_e, size_e, carry) for e = 0..E-1 (row_e: the group's start)."""
     start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
