@@ -4,6 +4,7 @@ Truths: the dry run's own figures (a separate entry point compiling the same lay
 FLOPs counted by hand, and byte counts from the config's shapes.
 """
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,18 @@ def test_hlo_costs_count_convolutions_as_the_tpu_writes_matmuls():
     compiled = jax.jit(conv).lower(jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3))).compile()
     assert 'convolution(' in compiled.as_text()
     assert estimate.hlo_costs(compiled.as_text())['dot_flops'] == 2 * (2 * 4 * 6 * 6) * 27
+
+
+def test_hlo_costs_read_the_tpu_loops_bounds():
+    """The same scan compiled for a TPU v5p slice (libtpu, saved by the command below): its
+    loops carry no known_trip_count and its matmuls are convolutions; 24 matmuls counted.
+    venv-tpu/bin/python: jax.jit(jax.grad(f, argnums=1)).trace(...).lower().compile().as_text()
+    with f and shapes as in the CPU test above, devices from topologies 'v5p:2x2x1'."""
+    text = open(os.path.join(os.path.dirname(__file__), 'fixtures', 'tpu_scan_grad.hlo')).read()
+    assert 'known_trip_count' not in text and 'convolution(' in text
+    costs = estimate.hlo_costs(text)
+    assert costs['dot_flops'] == 24 * 2 * 128 * 256 * 256
+    assert costs['dot_flops_once'] == 3 * 2 * 128 * 256 * 256
 
 
 def test_parse_bytes():

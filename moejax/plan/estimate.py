@@ -74,6 +74,25 @@ def _conv_flops(shape, operands, attrs, shapes) -> float:
     return 2.0 * k * sum(math.prod(d) for _, d in _arrays(shape))
 
 
+def _trip_count(attrs: str, computations) -> int:
+    """A while loop's trips: XLA's known_trip_count where the compiler records it (CPU, GPU),
+    else the bound N of a condition `counter < N` on a constant (the TPU compiler's loops from
+    scans, whose counters start at 0); 1 when neither is there."""
+    found = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+    if found:
+        return int(found.group(1))
+    condition = re.search(r'condition=%([\w.\-]+)', attrs)
+    body = computations.get(condition.group(1), []) if condition else []
+    constants = {name: re.match(r'(\d+)\)', args) for name, _, opcode, _, args in body
+                 if opcode == 'constant'}
+    for _, _, opcode, operands, args in body:
+        if opcode == 'compare' and 'direction=LT' in args and len(operands) == 2:
+            bound = constants.get(operands[1])
+            if bound:
+                return int(bound.group(1))
+    return 1
+
+
 def _callees(attrs: str) -> list[str]:
     """Computations an instruction runs (fusions, loop bodies, branches); not reducers."""
     names = re.findall(r'(?:calls|body|condition)=%([\w.\-]+)', attrs)
@@ -103,8 +122,7 @@ def hlo_costs(text: str) -> dict:
                 coll += _nbytes(shape)
             trips = 1
             if opcode == 'while' and with_trips:
-                found = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-                trips = int(found.group(1)) if found else 1
+                trips = _trip_count(attrs, computations)
             for callee in _callees(attrs):
                 f, c = cost(callee, with_trips)
                 flops, coll = flops + trips * f, coll + trips * c
