@@ -125,6 +125,12 @@ def _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G):
     if kernel == 'mosaic_tpu' and min(lhs_MK.shape[-2:] + rhs_GKN.shape[-2:]) < 128:
         _say_fallback(kernel, shapes, 'its TPU kernel takes dims >= 128')
         kernel = 'xla'
+    # Its GPU kernel's backward returns the weights' cotangent without shard_map's manual axis
+    # types, which JAX refuses (found compiling Mixtral's ragged exchange for 64 H100s).
+    if kernel == 'mosaic_gpu' and jax.sharding.get_abstract_mesh().manual_axes:
+        _say_fallback(kernel, shapes, "inside shard_map: its backward drops the manual axis "
+                      'types (tokamax 0.0.17)')
+        kernel = 'xla'
     # Inside shard_map the kernel's output type must say which mesh axes it varies over.
     varying = jax.sharding.ManualAxisType(varying=jax.typeof(lhs_MK).mat.varying
                                           | jax.typeof(rhs_GKN).mat.varying)

@@ -117,9 +117,10 @@ def evaluate(cfg, layout: dict, remat: str, grad_accum: int, memory_limit: int, 
         return dict(row, bytes_per_device=_bytes(figures), status='lowered only: no memory '
                     'figures (' + ', '.join(targets.kernels_in(built.text)) + ')')
     fits = figures['total_bytes_per_device'] <= memory_limit
-    return dict(row, fits=fits, bytes_per_device=_bytes(figures),
-                status='fits' if fits else 'exceeds the memory',
-                estimate=estimate.estimate(built.compiled, chip))
+    kernels = targets.kernels_in(built.text)
+    return dict(row, fits=fits, bytes_per_device=_bytes(figures), kernels=kernels,
+                status=('fits' if fits else 'exceeds the memory') + ''.join(
+                    f'; {k}' for k in kernels), estimate=estimate.estimate(built.compiled, chip))
 
 
 def _bytes(figures: dict) -> dict:
@@ -192,6 +193,8 @@ def plan_layouts(cfg, devices, memory_limit, *, remats=REMATS_BY_MEMORY, layouts
     at = dry_run.where(target_name, devices)
     chip = target.CHIPS[target_name or 'gpu-h100']
     layouts = layouts or mesh_candidates(cfg, devices)
+    if progress:
+        progress(f'{target_name or "simulated devices"}: {at.how}')
     rows, start = [], time.time()
     for i, layout in enumerate(layouts):
         if progress:
