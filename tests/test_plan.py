@@ -84,6 +84,22 @@ def test_hlo_costs_read_the_tpu_loops_bounds():
     assert costs['dot_flops_once'] == 3 * 2 * 128 * 256 * 256
 
 
+def test_hlo_costs_count_cublas_matmuls():
+    """XLA:GPU writes large matmuls as cuBLAS custom calls (as in Mixtral's step compiled for
+    H100s): a [4096, 512] x [512, 1024] product, its result first in a (result, workspace)
+    tuple, is 2 * 4096 * 512 * 1024 FLOPs."""
+    text = """HloModule m
+
+ENTRY %main.1 (p0: bf16[4096,512], p1: bf16[512,1024]) -> bf16[4096,1024] {
+  %p0 = bf16[4096,512]{1,0} parameter(0)
+  %p1 = bf16[512,1024]{1,0} parameter(1)
+  %mm = (bf16[4096,1024]{1,0}, s8[33554432]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %r = bf16[4096,1024]{1,0} get-tuple-element(%mm), index=0
+}
+"""
+    assert estimate.hlo_costs(text)['dot_flops'] == 2 * 4096 * 512 * 1024
+
+
 def test_parse_bytes():
     assert plan.parse_bytes('80GB') == 80 * 10**9
     assert plan.parse_bytes('80GiB') == 80 * 2**30

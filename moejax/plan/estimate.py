@@ -93,6 +93,18 @@ def _trip_count(attrs: str, computations) -> int:
     return 1
 
 
+def _gemm_flops(shape, operands, attrs, shapes) -> float:
+    """A cuBLAS matmul custom call: its result is the first array of its tuple shape; the
+    contracted dims are in its backend config's dot_dimension_numbers."""
+    lhs = _arrays(shapes.get(operands[0], '')) if operands else []
+    found = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
+    out = _arrays(shape)
+    if not lhs or not found or not out:
+        return 0.0
+    dims = [int(d) for d in re.findall(r'\d+', found.group(1))]
+    return 2.0 * math.prod(lhs[0][1][d] for d in dims) * math.prod(out[0][1])
+
+
 def _callees(attrs: str) -> list[str]:
     """Computations an instruction runs (fusions, loop bodies, branches); not reducers."""
     names = re.findall(r'(?:calls|body|condition)=%([\w.\-]+)', attrs)
@@ -118,6 +130,8 @@ def hlo_costs(text: str) -> dict:
                 flops += _dot_flops(shape, operands, attrs, shapes)
             elif opcode == 'convolution':  # how the TPU compiler writes most matmuls
                 flops += _conv_flops(shape, operands, attrs, shapes)
+            elif opcode == 'custom-call' and '"gemm_backend_config"' in attrs:  # cuBLAS (GPU)
+                flops += _gemm_flops(shape, operands, attrs, shapes)
             elif opcode.removesuffix('-start') in COLLECTIVES:
                 coll += _nbytes(shape)
             trips = 1
