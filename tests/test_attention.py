@@ -18,7 +18,7 @@ from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention
 from tests.helpers import run_cli, tiny_config
-from tests.test_parallel import assert_same_training, make_config, one_device, run
+from tests.layouts import assert_same_training, make_config, one_device, run
 
 B, T, H, J, K = 2, 21, 4, 2, 8
 

@@ -1,9 +1,10 @@
 """Expert parallelism (moejax.moe.expert_parallel): the ragged exchange of dropless routing and
 the capacity buffers' all_to_all, each against one device or a row-by-row NumPy computation.
 
-The layouts train 6 steps like one device (tests/test_parallel.py's harness, decisions with a
-clear margin); a forced overflow drops exactly the rows the documented rule names; and the step
-lowered for cuda and tpu holds the real ragged collective and no capacity buffer.
+The layouts train 6 steps like one device (tests/layouts.py's harness, decisions with a
+clear margin), with each dispatch engine, with drops and with expert choice; a forced overflow
+drops exactly the rows the documented rule names; and the step lowered for cuda and tpu holds
+the real ragged collective and no capacity buffer.
 """
 import re
 
@@ -22,7 +23,7 @@ from moejax.moe import expert_parallel, experts
 from moejax.moe.routing import TokenChoice
 from moejax.run import state as state_lib
 from moejax.run import step as step_lib
-from tests import test_parallel as P
+from tests import layouts as P
 
 DROPLESS = dict(dispatch='dropless', ep_buffer_factor=0.0)  # the worst case: nothing can drop
 
@@ -44,6 +45,23 @@ def test_swiglu_top2_dropless_under_expert_parallelism_trains_like_one_device():
     moe = dict(DROPLESS, top_k=2, activation='swiglu')
     history, _, _ = P.run(P.make_config({'data': 2, 'expert': 4}, **moe))
     P.assert_same_training(history, P.one_device(**moe))
+
+
+@pytest.mark.parametrize('engine,comm', [('einsum', 'gspmd'), ('einsum', 'all_to_all'),
+                                         ('dropless', 'auto'), ('dropless', 'all_to_all')])
+def test_dispatch_engine_matches_one_device(engine, comm):  # 'sort': test_sharding's
+    P.check({'data': 2, 'expert': 4}, comm, dispatch=engine, ep_buffer_factor=0.0)
+
+
+def test_all_to_all_with_drops_matches_one_device():
+    """Top-2 (SwiGLU experts), capacity factor 1: drops are per group, so any mesh has the same."""
+    history = P.check({'data': 2, 'expert': 4}, 'all_to_all', top_k=2, capacity_factor=1.0,
+                      activation='swiglu')
+    assert all(h['dropped_fraction'] > 0 for h in history)
+
+
+def test_all_to_all_expert_choice_matches_one_device():
+    P.check({'expert': 8}, 'all_to_all', router='expert_choice', capacity_factor=2.0)
 
 
 # ---- a forced overflow ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from moejax.run import evaluate as evaluate_lib
 from moejax.run import step as step_lib
 from tests.helpers import tiny_config
 from tests.test_mla import rms, rotate
-from tests.test_parallel import assert_same_training, make_config, run
+from tests.layouts import assert_same_training, make_config, run
 
 DEPTH = 2
 

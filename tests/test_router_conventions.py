@@ -355,7 +355,7 @@ def test_batch_priority_and_drop_metrics_match_one_device_when_expert_parallel(c
     per device shard) get the slots one device gives them: same losses and both drop metrics.
     Priority sorts router scores, so the reference's capacity edges must have a clear margin
     (one_device checks it): near-ties would round either way on different CPUs."""
-    from tests import test_parallel as P
+    from tests import layouts as P
     history, hlo, _ = P.run(P.make_config({'data': 2, 'expert': 4}, comm=comm, **BPR_DROPS))
     reference = P.one_device(**BPR_DROPS)
     assert_same_drops(history, reference)
@@ -364,7 +364,7 @@ def test_batch_priority_and_drop_metrics_match_one_device_when_expert_parallel(c
 
 
 def assert_same_drops(history, reference):
-    from tests import test_parallel as P
+    from tests import layouts as P
     for key in ('loss', 'aux_loss', 'dropped_fraction', 'tokens_left_behind', 'expert_load'):
         np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference],
                                    rtol=P.RTOL, atol=1e-6, err_msg=key)
@@ -374,7 +374,7 @@ def test_the_verdict_survives_router_noise_but_not_a_real_break():
     """Issue 28's check of the check: the expert-parallel side's router logits nudged by 8
     ulps still match one device; the same side with capacity by position instead of by score
     does not."""
-    from tests import test_parallel as P
+    from tests import layouts as P
     cfg = P.make_config({'data': 2, 'expert': 4}, comm='all_to_all', **BPR_DROPS)
     reference = P.one_device(**BPR_DROPS)
     assert_same_drops(P.run(cfg, ulps=8)[0], reference)
