@@ -5,9 +5,12 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from configs import default
+from moejax.moe import routing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_KEYS = ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'max_len', 'dtype',
@@ -32,6 +35,15 @@ def moe_cfg(**overrides):
                     z_loss_weight=1e-3, jitter=0.0, bias_update_rate=1e-3))
     cfg.update(overrides)
     return cfg
+
+
+def route(logits, *, k, mask=None, **conv):
+    """top_k routing of chosen logits [G, S, E] through a Router whose w_DE is the identity."""
+    logits = jnp.asarray(logits, jnp.float32)
+    router = routing.Router(logits.shape[-1], moe_cfg(num_experts=logits.shape[-1], top_k=k,
+                                                      **conv), rngs=nnx.Rngs(0))
+    router.w_DE[...] = jnp.eye(logits.shape[-1])
+    return router(logits, mask, train=False, rng=None)
 
 
 def run_cli(script: str, *args, env=None, timeout=600):

@@ -7,6 +7,7 @@ import pytest
 from moejax import config as config_lib
 from moejax import validate
 from moejax.errors import ConfigError
+from moejax.moe import routing as R
 from tests.helpers import tiny_config
 
 
@@ -42,3 +43,14 @@ def test_saved_config_with_a_removed_key_still_loads(tmp_path):
     loaded = config_lib.from_json(str(tmp_path / 'config.json'))
     assert 'router_dtype' not in loaded.moe
     validate.check(loaded, num_devices=8)
+
+
+def test_old_configs_load_with_todays_routing(tmp_path):
+    cfg = tiny_config()
+    saved = cfg.to_dict()
+    for key in ('score_fn', 'gate_norm', 'batch_prioritized', 'capacity_rule', 'aux_loss_norm'):
+        del saved['moe'][key]
+    (tmp_path / 'config.json').write_text(__import__('json').dumps(saved))
+    loaded = config_lib.from_json(str(tmp_path / 'config.json'))
+    assert R.conventions(loaded.moe) == R.Conventions()
+    assert loaded.moe.capacity_rule == 'gshard'

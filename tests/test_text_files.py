@@ -1,13 +1,16 @@
 """The text_files corpus (moejax/data/text_files.py): a document per file or per line, each
 split counted, empty files reported."""
 import hashlib
+import json
 import os
 
+import numpy as np
 import pytest
 
 from moejax import data
 from moejax.errors import ConfigError
 from tests.corpora import all_rows, make_cfg, reconstruct, synthetic_documents
+from tests.helpers import run_cli
 
 
 def test_text_files_one_document_per_file(tmp_path):
@@ -65,3 +68,26 @@ def test_empty_split_is_reported(tmp_path):
             errors.append(error)
     assert len(errors) == 1 and errors[0].key == 'data.text_glob'
     assert 'split is empty' in str(errors[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('tokenizer,vocab', [('byte', 259), ('sentencepiece', 320)])
+def test_text_files_train_with_either_tokenizer(tmp_path, tokenizer, vocab):
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ['alpha', 'beta', 'gamma', 'delta', 'mixture', 'expert', 'router', 'token']
+    for i in range(60):
+        text = ' '.join(rng.choice(words, 400)) + '\n'
+        (corpus / f'doc{i}.txt').write_text(text)
+    workdir = tmp_path / 'run'
+    proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
+                   '--config.data.name=text_files', f'--config.data.text_glob={corpus}/*.txt',
+                   f'--config.data.tokenizer={tokenizer}', f'--config.data.vocab_size={vocab}',
+                   f'--config.data.data_dir={tmp_path / "tfds"}', '--config.train.num_steps=12',
+                   '--config.train.log_every=1')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    losses = [r['loss'] for r in records if 'loss' in r]
+    assert len(losses) == 12 and np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])

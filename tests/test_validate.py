@@ -1,5 +1,6 @@
 """Config validation (moejax/validate.py): each bad value is caught before compiling, naming the
 key and what is allowed."""
+import ml_collections
 import pytest
 
 from moejax import config as config_lib
@@ -80,3 +81,27 @@ def test_batch_must_divide_by_data_parallel_size():
     cfg.data.batch_size = 4  # 8 data-parallel devices
     with pytest.raises(ConfigError, match='data.batch_size'):
         validate.check(cfg, num_devices=8)
+
+
+@pytest.mark.parametrize('overrides,key', [
+    (dict(router='expert_choice', gate_norm='raw'), 'moe.gate_norm'),
+    (dict(router='soft', batch_prioritized=True), 'moe.batch_prioritized'),
+    (dict(num_expert_groups=3), 'moe.num_expert_groups'),
+    (dict(num_expert_groups=2, top_expert_groups=3), 'moe.top_expert_groups'),
+    (dict(top_expert_groups=1), 'moe.top_expert_groups'),
+    (dict(num_expert_groups=4, top_expert_groups=1, top_k=2), 'moe.top_k'),
+    (dict(score_fn='tanh'), 'moe.score_fn'),
+    (dict(batch_prioritized='yes'), 'moe.batch_prioritized'),
+    (dict(min_capacity=0), 'moe.min_capacity'),
+])
+def test_bad_conventions_are_config_errors(overrides, key):
+    saved = tiny_config().to_dict()  # as a hand-edited config.json would hold them
+    saved['moe'].update(overrides)
+    with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+        validate.check(ml_collections.ConfigDict(saved), 1)
+
+
+@pytest.mark.parametrize('name,devices', [('switch_base_t5x', 32), ('deepseek_v3_small', 1)])
+def test_recipes_validate(name, devices):
+    recipe = __import__(f'configs.{name}', fromlist=['get_config'])
+    validate.check(recipe.get_config(), devices)
