@@ -1,5 +1,6 @@
-"""Opening a finished run (saved_run.open_run) and the parity tool launch/forward.py: logits
-against a model restored independently (the whole TrainState through Checkpointer.restore)."""
+"""Opening a finished run (moejax/readers/saved_run.py: open_run) and its logits through the
+parity tool launch/forward.py, against a model restored independently (the whole TrainState
+through Checkpointer.restore)."""
 import json
 import os
 import shutil
