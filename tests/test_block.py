@@ -14,7 +14,7 @@ from flax import nnx
 from moejax import data, mesh, validate
 from moejax.moe import experts
 from moejax.moe.block import MoEBlock
-from moejax.run import evaluate
+from moejax.run import evaluate, loop, metrics
 from moejax.run import state as state_lib
 from moejax.run import step as step_lib
 from tests.helpers import tiny_config
@@ -52,13 +52,8 @@ COMBINATIONS = [
 ]
 
 
-@pytest.fixture(scope='module')
-def corpus_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('tfds'))
-
-
-def losses_of(cfg, corpus_dir):
-    cfg.data.data_dir = corpus_dir
+def losses_of(cfg, data_dir):
+    cfg.data.data_dir = data_dir
     cfg.opt.update(lr=3e-3, warmup_steps=2)
     cfg.mesh.update(data=1)
     devices = jax.devices()[:1]
@@ -75,8 +70,8 @@ def losses_of(cfg, corpus_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('overrides', COMBINATIONS, ids=lambda o: '-'.join(map(str, o.values())))
-def test_each_routing_choice_trains(overrides, corpus_dir):
-    losses = losses_of(tiny_config(**overrides), corpus_dir)
+def test_each_routing_choice_trains(overrides, data_dir):
+    losses = losses_of(tiny_config(**overrides), data_dir)
     assert np.isfinite(losses).all()
     assert losses[-4:].mean() < losses[:4].mean() - 0.5, losses
 
@@ -95,10 +90,10 @@ OPTIONS = {
 }
 
 
-def train_briefly(cfg, corpus_dir):
+def train_briefly(cfg, data_dir):
     """STEPS steps of a one-device tiny run (losses_of's pattern); returns the CE
     losses, the last step's metrics and one eval batch's routing sums."""
-    cfg.data.data_dir = corpus_dir
+    cfg.data.data_dir = data_dir
     cfg.opt.update(lr=3e-3, warmup_steps=2)
     cfg.mesh.update(data=1)
     validate.check(cfg, 1)
@@ -117,9 +112,9 @@ def train_briefly(cfg, corpus_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', list(OPTIONS))
-def test_each_convention_trains(name, corpus_dir):
+def test_each_convention_trains(name, data_dir):
     options = OPTIONS[name]
-    losses, metrics, sums = train_briefly(tiny_config(**options), corpus_dir)
+    losses, metrics, sums = train_briefly(tiny_config(**options), data_dir)
     assert np.isfinite(losses).all()
     assert losses[-4:].mean() < losses[:4].mean() - 0.5, losses
     left, dropped = float(metrics['tokens_left_behind']), float(metrics['dropped_fraction'])
@@ -132,3 +127,37 @@ def test_each_convention_trains(name, corpus_dir):
         assert dropped > 0  # the tiny capacities do drop: the metrics are live
     summary = evaluate.summarize(sums, 1)
     assert len(summary['tokens_left_behind']) == len(summary['dropped_fraction'])
+
+
+def test_capacity_factor_zero_drops_nothing():
+    """capacity_factor <= 0 means capacity = the group size: the block then equals the
+    dropless engine (an independent path without capacity), and reports no drops, while a
+    small factor on the same tokens does drop."""
+    x_BTD = jax.random.normal(jax.random.key(1), (2, 16, 32))
+    seg_BT = np.ones((2, 16), np.int32)
+    outputs = {}
+    for name, (dispatch_name, cf) in {'zero': ('einsum', 0.0), 'negative': ('sort', -1.0),
+                                      'dropless': ('dropless', 1.0),
+                                      'small': ('einsum', 0.25)}.items():
+        cfg = tiny_config(d_model=32, d_ff=64, num_experts=4, top_k=2, dispatch=dispatch_name,
+                          capacity_factor=cf, eval_capacity_factor=cf)
+        block = MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+        outputs[name] = [block(x_BTD, seg_BT, train=t) for t in (True, False)]
+    for name in ('zero', 'negative'):
+        for (y, stats), (y_ref, _) in zip(outputs[name], outputs['dropless']):
+            assert float(stats['dropped_fraction']) == 0.0
+            np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert float(outputs['small'][0][1]['dropped_fraction']) > 0.1
+
+
+@pytest.mark.slow
+def test_capacity_factor_zero_trains_without_drops(data_dir, tmp_path):
+    """A tiny run trained with capacity factors 0 (no drops) logs none at any step."""
+    cfg = tiny_config(capacity_factor=0.0, eval_capacity_factor=0.0)
+    cfg.data.data_dir = data_dir
+    cfg.train.update(num_steps=4, log_every=1, eval_every=0)
+    loop.train_and_evaluate(cfg, str(tmp_path / 'run'))
+    records = [r for r in metrics.read_jsonl(str(tmp_path / 'run' / 'metrics.jsonl'))
+               if 'loss' in r]
+    assert len(records) == 4
+    assert all(r['dropped_fraction'] == 0.0 for r in records)

@@ -8,7 +8,7 @@ from moejax import config as config_lib
 from moejax import validate
 from moejax.errors import ConfigError
 from moejax.moe import routing as R
-from tests.helpers import tiny_config
+from tests.helpers import assert_usage_error, fake_run, timed, tiny_config
 
 
 def test_mesh_shape_resolves_the_free_axis():
@@ -54,3 +54,12 @@ def test_old_configs_load_with_todays_routing(tmp_path):
     loaded = config_lib.from_json(str(tmp_path / 'config.json'))
     assert R.conventions(loaded.moe) == R.Conventions()
     assert loaded.moe.capacity_rule == 'gshard'
+
+
+@pytest.mark.parametrize('text', ['{"model": {"d_model": 3', '', '[1, 2]', '\xff\xfe garbage'])
+@pytest.mark.parametrize('script,args', [('eval', ()), ('generate', ('--prompt=x',)),
+                                         ('analyze', ('--text=x',))])
+def test_corrupt_config_json_is_one_line(tmp_path, script, args, text):
+    workdir = fake_run(tmp_path / 'run', text)
+    proc, seconds = timed(script, f'--workdir={workdir}', *args)
+    assert_usage_error(proc, '--workdir', 'config.json', seconds=seconds)

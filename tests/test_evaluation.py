@@ -11,21 +11,17 @@ import pytest
 from moejax import data as data_lib
 from moejax.errors import ConfigError
 from moejax.readers import evaluation
-from tests.helpers import mounted_tmpfs, run_cli, tiny_config
+from tests.helpers import assert_usage_error, mounted_tmpfs, run_cli, tiny_config
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """configs/default.py:tiny trained 10 steps (checkpoints at 5 and 10) through the CLI."""
-    root = tmp_path_factory.mktemp('trained')
-    workdir, data_dir = str(root / 'run'), str(root / 'data')
-    proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                   f'--config.data.data_dir={data_dir}')
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.fixture
+def trained(trained_tiny_run, data_dir, tmp_path):
+    """A copy of trained_tiny_run (evaluating writes the result into the run) and its config."""
+    workdir = str(tmp_path / 'trained')
+    shutil.copytree(trained_tiny_run, workdir)
     cfg = tiny_config()
     cfg.data.data_dir = data_dir
     return workdir, cfg
-
 
 @pytest.mark.slow
 def test_eval_cli_writes_perplexity_of_a_saved_step(trained):
@@ -91,3 +87,13 @@ def test_eval_of_a_read_only_workdir_writes_its_result_to_out_dir(trained, tmp_p
     assert {k: v for k, v in result.items() if k != 'file'} == json.loads(
         (out / 'eval_validation_5.json').read_text())
     assert result['loss'] == expected['loss'] and result['tokens'] == expected['tokens']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,shown', [
+    (('--split=nonexistent',), ["split='nonexistent'", 'train, validation']),
+    (('--step=99',), ['--step=99', 'saved steps: [5, 10]']),
+])
+def test_eval_bad_split_or_step(trained_tiny_run, args, shown):
+    proc = run_cli('eval', f'--workdir={trained_tiny_run}', *args, timeout=120)
+    assert_usage_error(proc, *shown)

@@ -1,5 +1,8 @@
 """Sampling (moejax/readers/sampling.py): cached decoding against recomputing the full forward;
 the generate command on a trained checkpoint."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ from flax import nnx
 
 from moejax.model import transformer as model_lib
 from moejax.readers import sampling, saved_run
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import assert_usage_error, run_cli, timed, tiny_config
 
 
 def make_model(cfg, seed=0):
@@ -109,22 +112,9 @@ def test_a_seed_fixes_the_sample_and_another_seed_changes_it():
 # ------------------------------------------------------------------- from a trained checkpoint
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """configs/default.py:tiny trained 10 steps (checkpoints at 5 and 10) through the CLI."""
-    root = tmp_path_factory.mktemp('trained')
-    workdir, data_dir = str(root / 'run'), str(root / 'data')
-    proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                   f'--config.data.data_dir={data_dir}')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = tiny_config()
-    cfg.data.data_dir = data_dir
-    return workdir, cfg
-
-
 @pytest.mark.slow
-def test_generate_prints_text_from_a_checkpoint(trained):
-    workdir, _ = trained
+def test_generate_prints_text_from_a_checkpoint(trained_tiny_run):
+    workdir = trained_tiny_run
     args = (f'--workdir={workdir}', '--prompt=import os', '--max_new_tokens=16')
     proc = run_cli('generate', *args, '--temperature=0')
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,9 +131,44 @@ def test_generate_prints_text_from_a_checkpoint(trained):
 
 
 @pytest.mark.slow
-def test_generate_usage_errors_exit_2(trained):
-    workdir, _ = trained
+def test_generate_usage_errors_exit_2(trained_tiny_run):
+    workdir = trained_tiny_run
     too_long = run_cli('generate', f'--workdir={workdir}', '--max_new_tokens=1000')
     assert too_long.returncode == 2 and '--max_new_tokens' in too_long.stderr
     no_step = run_cli('generate', f'--workdir={workdir}', '--step=7')
     assert no_step.returncode == 2 and 'saved steps: [5, 10]' in no_step.stderr
+
+
+@pytest.mark.parametrize('flag,shown', [
+    ('--top_k=-3', ['--top_k=-3', '>= 0']),
+    ('--temperature=-1', ['--temperature=-1', 'finite number >= 0']),
+    ('--temperature=nan', ['--temperature=nan', 'finite number >= 0']),
+    ('--temperature=inf', ['--temperature=inf', 'finite number >= 0']),
+    ('--max_new_tokens=-1', ['--max_new_tokens=-1', '>= 1']),
+    ('--num_samples=0', ['--num_samples=0', '>= 1']),
+])
+def test_bad_generate_flags_are_one_line(tmp_path, flag, shown):
+    """Checked before a checkpoint is read (so this workdir needs none), within seconds."""
+    proc, seconds = timed('generate', f'--workdir={tmp_path}', '--prompt=x', flag)
+    assert_usage_error(proc, *shown, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_max_len_names_the_prompt(trained_tiny_run):
+    with open(os.path.join(trained_tiny_run, 'config.json')) as f:
+        max_len = json.load(f)['model']['max_len']
+    proc = run_cli('generate', f'--workdir={trained_tiny_run}', '--prompt=' + 'a' * (2 * max_len),
+                   timeout=120)
+    bos_and_bytes = 2 * max_len + 1  # the tiny run's byte tokenizer: one token per byte
+    assert_usage_error(proc, '--prompt', f'{bos_and_bytes} tokens', f'model.max_len={max_len}')
+    assert '--max_new_tokens' not in proc.stderr
+    fits = run_cli('generate', f'--workdir={trained_tiny_run}', '--prompt=ab',
+                   '--max_new_tokens=64', timeout=120)
+    assert_usage_error(fits, '--max_new_tokens=64', f'use at most {max_len - 3}')
+
+
+@pytest.mark.slow
+def test_generate_missing_step(trained_tiny_run):
+    proc = run_cli('generate', f'--workdir={trained_tiny_run}', '--prompt=x', '--max_new_tokens=4',
+                   '--step=7', timeout=120)
+    assert_usage_error(proc, '--step=7', 'saved steps: [5, 10]')

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_usage_error, timed
 
 
 TINY = '--config=configs/default.py:tiny'
@@ -119,3 +119,14 @@ def test_saved_config_of_a_workdir_without_a_readable_config_json_is_one_line(tm
         result, seconds = run_train([f'--config=configs/saved.py:{workdir}'], str(workdir),
                                     str(tmp_path / 'data'))
         assert_one_line_error(result, seconds, '--config', shown, str(workdir))
+
+
+@pytest.mark.parametrize('flags,shown', [
+    (('--simulated_devices=0',), '--simulated_devices=0'),  # was: silently the real devices
+    (('--num_processes=2', '--process_id=5', '--coordinator=localhost:1'), '--process_id=5'),
+    (('--num_processes=0',), '--num_processes=0'),
+])
+def test_bad_device_and_process_flags(tmp_path, flags, shown):
+    proc, seconds = timed('train', TINY, f'--workdir={tmp_path / "run"}', *flags)
+    assert_usage_error(proc, shown, seconds=seconds)
+    assert not os.path.exists(tmp_path / 'run')

@@ -1,5 +1,7 @@
 """The text_files corpus (moejax/data/text_files.py): a document per file or per line, each
-split counted, empty files reported."""
+split counted, empty files reported; a small corpus still gets a validation document; binary
+files are skipped and undecodable ones counted; and it trains through the command line with
+either tokenizer."""
 import hashlib
 import json
 import os
@@ -8,9 +10,10 @@ import numpy as np
 import pytest
 
 from moejax import data
+from moejax.data import corpus, sources
 from moejax.errors import ConfigError
 from tests.corpora import all_rows, make_cfg, reconstruct, synthetic_documents
-from tests.helpers import run_cli
+from tests.helpers import TINY, run_cli
 
 
 def test_text_files_one_document_per_file(tmp_path):
@@ -91,3 +94,77 @@ def test_text_files_train_with_either_tokenizer(tmp_path, tokenizer, vocab):
     losses = [r['loss'] for r in records if 'loss' in r]
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+# --------------------------------------------- small corpora, binary and Latin-1 files
+
+def small_corpus(directory, num: int) -> list[str]:
+    """num one-line documents that all hash into train as files and as lines (the case that
+    was refused)."""
+    os.makedirs(directory, exist_ok=True)
+    names = [n for n in (f'doc{i}.txt' for i in range(10 * num))
+             if not corpus.is_validation(n) and not corpus.is_validation(f'{n}:0')][:num]
+    for i, name in enumerate(names):
+        (directory / name).write_text(f'document number {i} says hello\n')
+    return names
+
+
+def corpus_cfg(tmp_path, glob, text_format='files'):
+    import ml_collections
+    return ml_collections.ConfigDict(dict(data=dict(
+        name='text_files', text_glob=glob, text_format=text_format,
+        data_dir=str(tmp_path / 'tfds'))))
+
+
+@pytest.mark.parametrize('num', [17, 41])
+@pytest.mark.parametrize('text_format', ['files', 'lines'])
+def test_small_corpus_gets_a_validation_document(tmp_path, num, text_format):
+    names = small_corpus(tmp_path / 'corpus', num)
+    cfg = corpus_cfg(tmp_path, str(tmp_path / 'corpus/*.txt'), text_format)
+    splits = {s: sources.open_split(cfg, s) for s in corpus.TEXT_SPLITS}
+    got = {s: docs.get(range(len(docs))) for s, docs in splits.items()}
+    assert len(got['validation']) == 1 and len(got['train']) == num - 1
+    every = [f'document number {i} says hello' for i in range(num)]  # as small_corpus wrote
+    assert sorted(t.strip() for t in got['train'] + got['validation']) == sorted(every)
+    # The moved document is the one of smallest sha256 (of its path, or 'path:line').
+    keys = names if text_format == 'files' else [f'{n}:0' for n in names]
+    smallest = min(range(num), key=lambda i: hashlib.sha256(keys[i].encode()).digest())
+    assert got['validation'][0].strip() == every[smallest]
+    again = sources.open_split(cfg, 'validation')  # stable: the same document every time
+    assert again.get([0]) == got['validation'] and again.key == splits['validation'].key
+
+
+def test_binary_files_skipped_and_undecodable_counted(tmp_path, capsys):
+    directory = tmp_path / 'corpus'
+    small_corpus(directory, 30)
+    (directory / 'blob.txt').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR' * 10)
+    (directory / 'latin1.txt').write_bytes('café crème brûlée\n'.encode('latin-1'))
+    cfg = corpus_cfg(tmp_path, str(directory / '*.txt'))
+    texts = []
+    for split in corpus.TEXT_SPLITS:
+        docs = sources.open_split(cfg, split)
+        texts += docs.get(range(len(docs)))
+    assert len(texts) == 31 and not any('IHDR' in t for t in texts)
+    assert 'caf\ufffd cr\ufffdme br\ufffdl\ufffde\n' in texts  # read, with replacements
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('moejax: warning: ')
+    assert 'skipped 1 binary file' in err[0] and '1 file(s) are not valid UTF-8' in err[0]
+
+
+@pytest.mark.slow
+def test_small_text_corpus_with_binary_files_trains(tmp_path):
+    """17 files that all hash into train, a binary file and a Latin-1 one: the run trains, and
+    says once what it skipped and what it decoded with replacements."""
+    directory = tmp_path / 'corpus'
+    small_corpus(directory, 17)
+    (directory / 'blob.txt').write_bytes(bytes(range(256)) * 4)
+    (directory / 'latin1.txt').write_bytes('naïve café\n'.encode('latin-1'))
+    proc = run_cli('train', TINY, f'--workdir={tmp_path / "run"}',
+                   f'--config.data.data_dir={tmp_path / "data"}', '--config.data.name=text_files',
+                   f'--config.data.text_glob={directory}/*.txt', '--config.data.seq_len=16',
+                   '--config.train.num_steps=2', '--config.train.eval_every=2', timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith('moejax: warning')]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert 'skipped 1 binary' in warnings[0] and '1 file(s) are not valid UTF-8' in warnings[0]
+    assert 'eval at step 2' in proc.stdout

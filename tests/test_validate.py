@@ -1,12 +1,14 @@
 """Config validation (moejax/validate.py): each bad value is caught before compiling, naming the
 key and what is allowed."""
+import os
+
 import ml_collections
 import pytest
 
 from moejax import config as config_lib
 from moejax import validate
 from moejax.errors import ConfigError
-from tests.helpers import tiny_config
+from tests.helpers import TINY, assert_usage_error, timed, tiny_config
 
 
 BAD = [
@@ -105,3 +107,23 @@ def test_bad_conventions_are_config_errors(overrides, key):
 def test_recipes_validate(name, devices):
     recipe = __import__(f'configs.{name}', fromlist=['get_config'])
     validate.check(recipe.get_config(), devices)
+
+
+def test_odd_head_size_is_refused_by_validation(tmp_path):
+    proc, seconds = timed('train', TINY, f'--workdir={tmp_path / "run"}',
+                          f'--config.data.data_dir={tmp_path / "data"}',
+                          '--config.model.d_model=6', '--config.model.num_heads=2')
+    assert_usage_error(proc, 'model.d_model=6', 'd_model/num_heads=3', 'even', seconds=seconds)
+    assert not os.path.exists(tmp_path / 'data'), 'nothing may be prepared for a bad config'
+
+
+@pytest.mark.parametrize('key', ['moe.capacity_factor', 'moe.eval_capacity_factor'])
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), 'auto', None])
+def test_capacity_factor_must_still_be_a_finite_number(key, bad):
+    import ml_collections
+
+    values = tiny_config().to_dict()
+    group, name = key.split('.')
+    values[group][name] = bad
+    with pytest.raises(ConfigError, match=key):
+        validate.check(ml_collections.ConfigDict(values), num_devices=8)
