@@ -14,10 +14,10 @@ from tests.corpora import all_rows, generated, in_corpus, make_cfg, stdlib_valid
 
 
 @pytest.fixture(scope='session')
-def stdlib_cfg(tmp_path_factory):
-    """The real embedded corpus, prepared once per session with a byte tokenizer."""
+def stdlib_cfg(tmp_path_factory, data_dir):
+    """The real embedded corpus (the session's, in data_dir) with a byte tokenizer."""
     cfg = make_cfg(tmp_path_factory.mktemp('stdlib'), name='python_stdlib', seq_len=256,
-                   batch_size=64)
+                   batch_size=64, data_dir=data_dir)
     data.check_data(cfg)
     return cfg, data.get_tokenizer(cfg)
 

@@ -194,7 +194,7 @@ def test_scanned_cached_decoding_equals_unrolled():
 
 
 @pytest.mark.slow
-def test_tiny_training_logs_the_same_losses_scanned_or_not(tmp_path):
+def test_tiny_training_logs_the_same_losses_scanned_or_not(data_dir, tmp_path):
     """configs/default.py:tiny trained both ways on 8 devices logs the same losses."""
     losses = {}
     for scan in (False, True):
@@ -202,6 +202,7 @@ def test_tiny_training_logs_the_same_losses_scanned_or_not(tmp_path):
         cfg.model.scan_layers = scan
         cfg.mesh.update(data=2, fsdp=2, expert=2)
         cfg.train.update(num_steps=4, log_every=1, eval_every=0, checkpoint_every=100)
+        cfg.data.data_dir = data_dir
         workdir = str(tmp_path / f'scan_{scan}')
         with decisions.record() as margins:
             loop.train_and_evaluate(cfg, workdir)
