@@ -23,6 +23,7 @@ def trained(trained_tiny_run, data_dir, tmp_path):
     cfg.data.data_dir = data_dir
     return workdir, cfg
 
+
 @pytest.mark.slow
 def test_eval_cli_writes_perplexity_of_a_saved_step(trained):
     workdir, cfg = trained

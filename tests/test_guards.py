@@ -64,7 +64,7 @@ def test_sigterm_saves_exits_0_within_seconds_and_resumes_exactly(trained_tiny_r
 
 @pytest.mark.slow
 def test_double_sigint_exits_130_and_the_run_resumes_exactly(trained_tiny_run, data_dir,
-                                                            compile_cache, tmp_path):
+                                                             compile_cache, tmp_path):
     workdir = str(tmp_path / 'run')
     codes = []
     for attempt in range(5):

@@ -144,8 +144,9 @@ def test_lock_is_exclusive_and_only_the_holder_releases_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_trainer_is_refused_and_a_killed_runs_lock_does_not_block(data_dir, compile_cache,
-                                                                        tmp_path):
+def test_second_trainer_is_refused_and_a_killed_runs_lock_does_not_block(data_dir,
+                                                                         compile_cache,
+                                                                         tmp_path):
     workdir = str(tmp_path / 'run')
     first = start(workdir, data_dir, compile_cache, '--config.train.num_steps=1000')
     try:
