@@ -1,5 +1,12 @@
-"""Every test sees 8 CPU-simulated devices, so mesh layouts are tested without accelerators."""
+"""Every test sees 8 CPU-simulated devices, so mesh layouts are tested without accelerators.
+
+What many modules need is built once per session and shared by its xdist workers: the prepared
+corpus (`data_dir`) and a trained tiny run (`trained_tiny_run`); the commands that interrupt and
+resume training share a compile cache per worker (`compile_cache`).
+"""
+import fcntl
 import os
+import shutil
 
 import pytest
 
@@ -20,15 +27,68 @@ def pytest_configure(config):
     decisions.LAYOUT_ULPS = config.getoption('router_ulps')
 
 
+def shared_path(tmp_path_factory, name: str, build):
+    """The session's directory `name`, filled by build(path) once: by the first xdist worker
+    that asks, while the others wait on a lock. A failed build leaves no mark, so the next
+    worker builds again (and fails the same way)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # the session's temporary directory, above each worker's own
+    path = root / name
+    with open(root / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (root / f'{name}.built').exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            (root / f'{name}.built').touch()
+    return path
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-    """python_stdlib and its packed rows, prepared once (~10 s) for every process to share."""
-    path = tmp_path_factory.getbasetemp() / 'moejax_data'
-    from moejax import data as data_lib
-    from tests.helpers import tiny_config
-    cfg = tiny_config()
-    cfg.data.data_dir = str(path)
-    tokenizer = data_lib.get_tokenizer(cfg)
-    data_lib.train_batches(cfg, tokenizer)
-    data_lib.eval_batches(cfg, tokenizer, 'validation')
-    return str(path)
+    """python_stdlib and its packed rows for the tiny config, prepared once (~10 s) for every
+    process of the session to share (the data pipeline locks and renames what it adds)."""
+    def prepare(path):
+        from moejax import data as data_lib
+        from tests.helpers import tiny_config
+        cfg = tiny_config()
+        cfg.data.data_dir = str(path)
+        tokenizer = data_lib.get_tokenizer(cfg)
+        data_lib.train_batches(cfg, tokenizer)
+        data_lib.eval_batches(cfg, tokenizer, 'validation')
+    return str(shared_path(tmp_path_factory, 'moejax_data', prepare))
+
+
+TINY_RUN_FLAGS = ('--config=configs/default.py:tiny', '--config.train.log_every=1')
+
+
+@pytest.fixture(scope='session')
+def trained_tiny_run(tmp_path_factory, data_dir):
+    """configs/default.py:tiny trained its 10 steps through the command line on data_dir (every
+    step logged; evaluations and checkpoints at 5 and 10), once per session; the XLA programs
+    compiled afresh. Read-only: a test that writes into a run copies this one first
+    (shutil.copytree); the session checks at the end that nothing changed it."""
+    from moejax.run import metrics
+    from moejax.run import workdir as workdir_lib
+    from tests.helpers import run_cli, snapshot
+
+    def train(path):
+        proc = run_cli('train', *TINY_RUN_FLAGS, f'--workdir={path}',
+                       f'--config.data.data_dir={data_dir}')
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert workdir_lib.saved_steps(str(path)) == [5, 10]
+        assert [r['step'] for r in metrics.read_jsonl(str(path / 'metrics.jsonl'))
+                if 'loss' in r] == list(range(1, 11))
+    path = shared_path(tmp_path_factory, 'trained_tiny_run', train)
+    before = snapshot(path)
+    yield str(path)
+    assert snapshot(path) == before, 'a test wrote into trained_tiny_run: copy it first'
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache for the training commands of the tests that interrupt, resume or
+    refuse a run: each restart skips recompiling (~10 s). One per xdist worker, whose tests run
+    one at a time, so no two tests write it at once; trained_tiny_run does not use it, so
+    resumed runs are also compared across compilations."""
+    return str(tmp_path_factory.getbasetemp() / 'moejax_compile_cache')

@@ -1,15 +1,25 @@
-"""Small shared helpers for the tests: tiny configs and running the command line."""
+"""Small shared helpers for the tests: tiny configs, running the command line, and what a run
+leaves in its workdir."""
 import contextlib
+import glob
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from configs import default
+from moejax.moe import routing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '--config=configs/default.py:tiny'
 MODEL_KEYS = ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'max_len', 'dtype',
               'moe_every', 'activation', 'head_dim', 'qkv_bias', 'qk_norm', 'norm_eps',
               'dense_layers')
@@ -34,13 +44,93 @@ def moe_cfg(**overrides):
     return cfg
 
 
+def route(logits, *, k, mask=None, **conv):
+    """top_k routing of chosen logits [G, S, E] through a Router whose w_DE is the identity."""
+    logits = jnp.asarray(logits, jnp.float32)
+    router = routing.Router(logits.shape[-1], moe_cfg(num_experts=logits.shape[-1], top_k=k,
+                                                      **conv), rngs=nnx.Rngs(0))
+    router.w_DE[...] = jnp.eye(logits.shape[-1])
+    return router(logits, mask, train=False, rng=None)
+
+
+def cli_env(cache_dir=None) -> dict:
+    """A command's environment: 8 CPU devices, unbuffered output, and (cache_dir) a persistent
+    XLA cache that keeps even the smallest program."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    if cache_dir:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    return env
+
+
 def run_cli(script: str, *args, env=None, timeout=600):
     """Run launch/<script>.py in a fresh process with 8 CPU devices; returns CompletedProcess."""
-    full_env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-                    XLA_FLAGS='--xla_force_host_platform_device_count=8', **(env or {}))
     cmd = [sys.executable, os.path.join(REPO, 'launch', f'{script}.py'), *args]
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=dict(cli_env(), **(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train_command(workdir, *args) -> list[str]:
+    return [sys.executable, os.path.join(REPO, 'launch', 'train.py'), f'--workdir={workdir}',
+            *args]
+
+
+def assert_usage_error(proc, *shown, seconds=None):
+    """Exit 2, exactly one stderr line `moejax: error: ...` holding each of `shown`."""
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, f'exit {proc.returncode}\n{proc.stderr[-3000:]}'
+    assert 'Traceback' not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith('moejax: error: '), lines
+    for text in shown:
+        assert text in lines[0], (text, lines[0])
+    if seconds is not None:
+        assert seconds < 30, f'took {seconds:.0f}s'
+
+
+def timed(script, *args):
+    """run_cli(script, *args), and the seconds it took."""
+    start = time.time()
+    proc = run_cli(script, *args, timeout=120)
+    return proc, time.time() - start
+
+
+# ------------------------------------------------------------------------- a run's workdir
+
+
+def snapshot(workdir, skip=()) -> dict[str, str]:
+    """{relative path: sha256} of every file in the workdir (but those under `skip`)."""
+    out = {}
+    for path in glob.glob(os.path.join(workdir, '**'), recursive=True):
+        if os.path.isfile(path) and not os.path.relpath(path, workdir).startswith(skip):
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def fake_run(path, config_text: str | None = None):
+    """A workdir shaped like a run (config.json, checkpoints/, metrics.jsonl), nothing trained:
+    the errors of the readers must come before anything is restored."""
+    os.makedirs(path / 'checkpoints')
+    if config_text is not None:
+        (path / 'config.json').write_text(config_text)
+    write_records(path / 'metrics.jsonl', load_records(3))
+    return path
+
+
+def load_records(num: int) -> list[dict]:
+    """num metrics.jsonl records of a run with 2 MoE layers of 4 experts."""
+    rng = np.random.default_rng(num)
+    return [{'step': 10 * (i + 1), 'loss': 3.0 - i,
+             'expert_load': rng.dirichlet(np.ones(4), size=2).tolist()} for i in range(num)]
+
+
+def write_records(path, records, tail: str = '') -> None:
+    """A metrics.jsonl of records, then tail (e.g. a line cut short)."""
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+        f.write(tail)
 
 
 @contextlib.contextmanager

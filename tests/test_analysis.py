@@ -1,6 +1,8 @@
-"""Routing analysis: token -> expert maps against a hand computation, and the PNG plots."""
+"""Routing analysis (moejax/readers/analysis.py): token -> expert maps against a hand
+computation, and the PNG plots, also from a damaged metrics.jsonl or a read-only workdir."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,15 @@ from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
 from moejax.moe.block import MoEBlock
 from moejax.readers import analysis
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import (
+    assert_usage_error,
+    fake_run,
+    load_records,
+    run_cli,
+    timed,
+    tiny_config,
+    write_records,
+)
 
 TEXT = 'def add(a, b):\n    return a + b  # sums\n'
 
@@ -108,18 +118,51 @@ def test_token_route_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_analyze_cli_writes_both_plots(tmp_path):
-    workdir, data_dir = str(tmp_path / 'run'), str(tmp_path / 'data')
-    trained = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                      f'--config.data.data_dir={data_dir}', '--config.train.num_steps=6',
-                      '--config.train.checkpoint_every=3')
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    proc = run_cli('analyze', f'--workdir={workdir}', '--text=for x in range(3):', '--step=3')
+def test_analyze_cli_writes_both_plots(trained_tiny_run, tmp_path):
+    """Of a step before the last (5 of 10), into the run's plots/ (so a copy of the run)."""
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(trained_tiny_run, workdir)
+    proc = run_cli('analyze', f'--workdir={workdir}', '--text=for x in range(3):', '--step=5')
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert paths['step'] == 3
+    assert paths['step'] == 5
     assert os.path.dirname(paths['expert_load']) == os.path.join(workdir, 'plots')
     assert_png(paths['expert_load'])
     assert_png(paths['token_experts'])
     missing = run_cli('analyze', f'--workdir={tmp_path / "nothing"}')
     assert missing.returncode == 2 and 'metrics.jsonl' in missing.stderr
+
+
+def test_analyze_tolerates_a_partial_last_line(tmp_path):
+    workdir = fake_run(tmp_path / 'run')
+    records = load_records(5)
+    write_records(workdir / 'metrics.jsonl', records, tail='{"step": 60, "loss": 0.')
+    proc = run_cli('analyze', f'--workdir={workdir}', timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])['expert_load']
+    with open(out, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    from moejax.readers import analysis  # what was plotted: exactly the complete records
+    steps_N, load_NLE = analysis.expert_load_history(str(workdir / 'metrics.jsonl'))
+    np.testing.assert_array_equal(steps_N, [r['step'] for r in records])
+    np.testing.assert_allclose(load_NLE, [r['expert_load'] for r in records])
+
+
+def test_analyze_on_a_read_only_workdir(tmp_path):
+    """One line naming the directory and the way out (--out_dir), before any work is done."""
+    workdir = fake_run(tmp_path / 'run')
+    if os.geteuid() == 0:  # permission bits do not bind root: block the plots path instead
+        (workdir / 'plots').write_text('')
+    else:
+        os.chmod(workdir, 0o555)
+    try:
+        proc, seconds = timed('analyze', f'--workdir={workdir}')
+        assert_usage_error(proc, '--workdir', 'plots', 'cannot be written', '--out_dir',
+                           seconds=seconds)
+        elsewhere = tmp_path / 'elsewhere'
+        proc = run_cli('analyze', f'--workdir={workdir}', f'--out_dir={elsewhere}', timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert os.path.isfile(elsewhere / 'expert_load.png')
+    finally:
+        os.chmod(workdir, 0o755)

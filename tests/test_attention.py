@@ -18,7 +18,7 @@ from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention
 from tests.helpers import run_cli, tiny_config
-from tests.test_parallel import assert_same_training, make_config, one_device, run
+from tests.layouts import assert_same_training, make_config, one_device, run
 
 B, T, H, J, K = 2, 21, 4, 2, 8
 
@@ -217,14 +217,14 @@ def test_chunked_model_under_mesh_matches_one_device():
 
 
 @pytest.mark.slow
-def test_cli_chunked_logs_the_same_losses_as_xla(tmp_path):
+def test_cli_chunked_logs_the_same_losses_as_xla(data_dir, tmp_path):
     """Blocks of 8 over rows of 30 tokens: four blocks, the last one ragged."""
     losses = {}
     for impl in ('xla', 'chunked'):
         workdir = str(tmp_path / impl)
         result = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
                          f'--config.model.attention={impl}', '--config.model.attention_block=8',
-                         '--config.data.seq_len=30')
+                         '--config.data.seq_len=30', f'--config.data.data_dir={data_dir}')
         assert result.returncode == 0, result.stderr[-3000:]
         with open(os.path.join(workdir, 'metrics.jsonl')) as f:
             losses[impl] = [json.loads(line)['loss'] for line in f if '"loss"' in line]

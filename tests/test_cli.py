@@ -1,188 +1,14 @@
-"""The command line refuses bad configs before anything compiles: exit 2, one line on stderr
-naming the key, the bad value and what is allowed, no traceback, within seconds."""
-import concurrent.futures
-import configparser
+"""The commands' entry points (moejax/cli.py): the flags a command parses itself are refused in
+one line (exit 2)."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_usage_error, fake_run, timed
 
 TINY = '--config=configs/default.py:tiny'
-
-# (what is wrong, arguments after --workdir, the key the message must name, text it must show)
-BAD = [
-    ('unknown router', [TINY, '--config.moe.router=topk'], 'moe.router', 'expert_choice'),
-    ('unknown dispatch', [TINY, '--config.moe.dispatch=magic'], 'moe.dispatch', 'dropless'),
-    ('unknown optimizer', [TINY, '--config.opt.name=sgd'], 'opt.name', 'adafactor'),
-    ('wrong type', [TINY, '--config.model.d_model=abc'], 'model.d_model', 'int'),
-    ('int out of range', [TINY, '--config.model.num_layers=0'], 'model.num_layers', '>= 1'),
-    ('float out of range', [TINY, '--config.opt.b2=1.5'], 'opt.b2', '[0, 1)'),
-    ('experts over expert shards', [TINY, '--config.mesh.expert=8'], 'moe.num_experts',
-     'mesh.expert=8'),
-    ('batch over data parallelism', [TINY, '--config.data.batch_size=4'], 'data.batch_size',
-     'data-parallel size'),
-    ('d_model over heads', [TINY, '--config.model.num_heads=3'], 'model.d_model',
-     'model.num_heads=3'),
-    ('mesh over devices', [TINY, '--config.mesh.data=3'], 'mesh', '8 devices'),
-    ('grad_accum over batch', [TINY, '--config.opt.grad_accum=3'], 'opt.grad_accum',
-     'data.batch_size=8'),
-    ('unknown dataset', [TINY, '--config.data.name=no_such_corpus'], 'data.name',
-     'python_stdlib'),
-    ('glob matching nothing', [TINY, '--config.data.name=text_files',
-                               '--config.data.text_glob=/nonexistent/**/*.txt'],
-     'data.text_glob', '/nonexistent/**/*.txt'),
-    ('unknown key', [TINY, '--config.model.d_modle=64'], '--config.model.d_modle', 'd_model'),
-    ('no such config file', ['--config=configs/no_such_file.py'], '--config',
-     'configs/no_such_file.py'),
-    ('unknown config variant', ['--config=configs/default.py:huge'], '--config', 'tiny'),
-]
-
-
-def run_train(args, workdir, data_dir):
-    """launch/train.py with its workdir and data_dir; returns (CompletedProcess, seconds)."""
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
-    cmd = [sys.executable, os.path.join(REPO, 'launch', 'train.py'), f'--workdir={workdir}',
-           *args]
-    if any(a.startswith('--config=') for a in args):
-        cmd.append(f'--config.data.data_dir={data_dir}')
-    start = time.time()
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    return result, time.time() - start
-
-
-def assert_one_line_error(result, seconds, key, shown, what=''):
-    lines = result.stderr.splitlines()
-    assert result.returncode == 2, f'{what}: exit {result.returncode}\n{result.stderr[-2000:]}'
-    assert len(lines) == 1 and lines[0].startswith('moejax: error: '), f'{what}: {lines}'
-    assert key in lines[0] and shown in lines[0], f'{what}: {lines[0]}'
-    assert 'Traceback' not in result.stderr and not result.stdout.strip(), what
-    assert seconds < 30, f'{what}: took {seconds:.0f}s'
-
-
-def test_bad_configs_exit_2_with_one_line_naming_the_key(tmp_path):
-    """Each kind of mistake, in its own process (a few at a time: they mostly wait on imports)."""
-    data_dir = str(tmp_path / 'data')
-    jobs = {what: (args, str(tmp_path / f'run{i}')) for i, (what, args, _, _) in enumerate(BAD)}
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        results = {what: pool.submit(run_train, args, workdir, data_dir)
-                   for what, (args, workdir) in jobs.items()}
-        for what, _, key, shown in BAD:
-            result, seconds = results[what].result()
-            assert_one_line_error(result, seconds, key, shown, what)
-    assert not os.path.exists(data_dir), 'nothing may be prepared for a bad config'
-
-
-def test_workdir_that_is_a_file_is_refused(tmp_path):
-    path = tmp_path / 'not_a_dir'
-    path.write_text('precious')
-    result, seconds = run_train([TINY], str(path), str(tmp_path / 'data'))
-    assert_one_line_error(result, seconds, '--workdir', str(path), 'workdir is a file')
-    assert path.read_text() == 'precious'
-
-
-@pytest.mark.parametrize('args,message', ids=['type', 'not_a_group', 'unknown_group'], argvalues=[
-    (['--config.model.d_model=abc'], "--config.model.d_model='abc': must be of type int"),
-    (['--config.model.d_model.x=1'], 'model.d_model is not a group'),
-    (['--config.modle.d_model=64'], "unknown config key 'modle'; known: data, mesh, model"),
-])
-def test_override_errors_are_explained_without_a_process(args, message, capsys):
-    """The flag-error explanations, in process (fast): they name the key and what is allowed."""
-    from moejax import startup
-    argv = ['train', TINY, *args]
-    with pytest.raises(Exception) as err:
-        flags_under_test(argv)
-    assert message in startup.explain_flag_error(err.value, argv)
-
-
-def flags_under_test(argv):
-    """Parse argv with a private FlagValues, as the command line would."""
-    from absl import flags
-    from ml_collections import config_flags
-    fresh = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', flag_values=fresh, sys_argv=argv)
-    fresh(argv)
-
-
-# ------------------------------------------------------------------------------------ --help
-
-# Each command's flags, as DESIGN.md's contract lists them (the truth --help must show).
-COMMAND_FLAGS = {
-    'train': ['config', 'workdir', 'restart', 'dry_run', 'simulated_devices'],
-    'eval': ['config', 'workdir', 'split', 'step', 'tokens', 'out_dir'],
-    'generate': ['workdir', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'seed'],
-    'analyze': ['workdir', 'text', 'step', 'out_dir'],
-    'forward': ['workdir', 'step', 'tokens', 'out'],
-    'convert': ['from_hf', 'to_hf', 'upcycle_from', 'workdir', 'config', 'step', 'max_shard_mb'],
-    'plan': ['config', 'devices', 'device_memory', 'remat', 'grad_accum', 'meshes'],
-}
-
-
-def run_help(program: list[str], flag: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    return subprocess.run([*program, flag], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def console_scripts() -> dict[str, str]:
-    """{command: 'module:function'} of setup.cfg's moejax-* console scripts."""
-    parser = configparser.ConfigParser()
-    parser.read(os.path.join(REPO, 'setup.cfg'))
-    lines = parser['options.entry_points']['console_scripts'].strip().splitlines()
-    return {name.strip().removeprefix('moejax-'): target.strip()
-            for name, target in (line.split('=') for line in lines)}
-
-
-def help_runs():
-    """(what, program, flag, expected flags) for every command: its launch script with every
-    help flag, and setup.cfg's console script as it runs (the function it names, under its
-    name)."""
-    scripts = console_scripts()
-    assert sorted(scripts) == sorted(COMMAND_FLAGS)
-    for command, expected in COMMAND_FLAGS.items():
-        module, function = scripts[command].split(':')
-        console = [sys.executable, '-c', f'import sys; sys.argv[0] = "moejax-{command}"; '
-                   f'import {module}; {module}.{function}()']
-        launch = [sys.executable, os.path.join('launch', f'{command}.py')]
-        for flag in ('--help', '-h', '--helpfull'):
-            yield f'launch {command} {flag}', launch, flag, expected
-        yield f'console {command} --help', console, '--help', expected
-
-
-def test_every_command_answers_help_with_its_flags():
-    runs = list(help_runs())
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda run: run_help(run[1], run[2]), runs))
-    for (what, _, flag, expected), proc in zip(runs, results):
-        assert proc.returncode == 0 and not proc.stderr.strip(), (what, proc.stderr[-2000:])
-        lines = proc.stdout.splitlines()
-        assert lines[0].startswith('usage: '), (what, lines[:3])
-        for name in expected:
-            assert sum(line.startswith(f'  --{name}: ') for line in lines) == 1, (what, name)
-        if flag == '--helpfull':
-            assert '  --verbosity: ' in proc.stdout, what  # absl's own flags too
-            if 'config' in expected:
-                assert '  --config.model.d_model=' in proc.stdout, what
-    cluster = run_help([sys.executable, 'launch/local_cluster.py'], '--help')
-    assert cluster.returncode == 0 and '--num_processes' in cluster.stdout, cluster.stderr
-
-
-# ------------------------------------------------- flags that failed with a traceback (issue 24)
-
-
-def test_saved_config_of_a_workdir_without_a_readable_config_json_is_one_line(tmp_path):
-    """configs/saved.py raises a ConfigError; config_flags re-raises it with one argument."""
-    (tmp_path / 'bad').mkdir()
-    (tmp_path / 'bad' / 'config.json').write_text('[1, 2]')
-    for workdir, shown in ((tmp_path / 'missing', 'config.json is not readable'),
-                           (tmp_path / 'bad', 'config.json is not a run config')):
-        result, seconds = run_train([f'--config=configs/saved.py:{workdir}'], str(workdir),
-                                    str(tmp_path / 'data'))
-        assert_one_line_error(result, seconds, '--config', shown, str(workdir))
 
 
 @pytest.mark.parametrize('memory', ['1.2.3GB', '1e400'])
@@ -195,3 +21,18 @@ def test_plan_device_memory_that_is_no_size_is_one_line(memory):
     assert proc.returncode == 2 and lines == [
         f"moejax: error: --device_memory='{memory}': must be a finite size like 80GB, 80GiB or "
         '8e10'], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('flag,shown', [('--bogus=1', "'bogus'"),
+                                        ('--step=abc', '--step=abc'),
+                                        ('--config.model.d_model=3', '--config=FILE')])
+def test_eval_without_config_names_the_bad_flag(tmp_path, flag, shown):
+    workdir = fake_run(tmp_path / 'run', '{}')
+    proc, seconds = timed('eval', f'--workdir={workdir}', flag)
+    assert_usage_error(proc, shown, seconds=seconds)
+    assert 'is required' not in proc.stderr
+
+
+def test_stray_positional_argument_is_refused(tmp_path):
+    proc, seconds = timed('eval', f'--workdir={tmp_path}', 'validation')
+    assert_usage_error(proc, "['validation']", seconds=seconds)

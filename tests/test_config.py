@@ -1,4 +1,5 @@
-"""Config validation: each bad value is caught before compiling, naming the key."""
+"""Configs (moejax/config.py): derived sizes, the workdir check, and a run's config.json read
+back, also when saved before a key was added or after one was removed."""
 import json
 
 import pytest
@@ -6,68 +7,8 @@ import pytest
 from moejax import config as config_lib
 from moejax import validate
 from moejax.errors import ConfigError
-from tests.helpers import tiny_config
-
-BAD = [
-    ('moe.router', 'topk', 'allowed: top_k, noisy_top_k, expert_choice, soft'),
-    ('moe.dispatch', 'magic', 'allowed: einsum, sort, dropless'),
-    ('moe.balance', 'loss', 'allowed: aux_loss, bias, none'),
-    ('model.dtype', 'float16', 'allowed: float32, bfloat16'),
-    ('opt.name', 'sgd', 'allowed: adamw, adafactor'),
-    ('model.num_layers', 0, 'integer >= 1'),
-    ('moe.capacity_factor', float('nan'), 'finite number'),  # <= 0 is allowed: no drops
-    ('model.num_heads', 3, 'must divide by model.num_heads=3'),  # reported on model.d_model
-    ('moe.top_k', 9, '<= moe.num_experts'),
-    ('model.max_len', 8, '>= data.seq_len'),
-    ('moe.jitter', 1.5, '[0, 1)'),
-    ('opt.grad_accum', 3, 'divide data.batch_size'),
-    ('model.head_dim', 15, 'must be even'),
-    ('model.dense_layers', [5], 'distinct layer indices in [0, model.num_layers=2)'),
-    ('moe.shared_d_ff', 64, 'needs moe.num_shared_experts >= 1'),
-    ('moe.shared_gate', True, 'needs moe.num_shared_experts >= 1'),
-]
-
-
-def test_dense_layers_break_scanned_periods():
-    cfg = tiny_config(moe_every=1, dense_layers=[0])
-    assert not config_lib.scans_layers(cfg)  # auto: unrolled
-    cfg.model.scan_layers = True
-    with pytest.raises(ConfigError, match='model.dense_layers=.0. breaks'):
-        validate.check(cfg, num_devices=8)
-
-
-@pytest.mark.parametrize('key,value,message', BAD)
-def test_bad_value_names_key_and_remedy(key, value, message):
-    cfg = tiny_config()
-    group, name = key.split('.')
-    setattr(cfg[group], name, value)
-    with pytest.raises(ConfigError) as err:
-        validate.check(cfg, num_devices=8)
-    assert err.value.key == ('model.d_model' if key == 'model.num_heads' else key)
-    text = str(err.value)
-    assert '\n' not in text and message in text
-
-
-@pytest.mark.parametrize('mesh,key', [
-    (dict(data=3), 'mesh'),                    # 3 x 1 x 1 x 1 != 8 devices
-    (dict(data=-1, expert=-1), 'mesh.expert'),  # two free axes
-    (dict(data=1, expert=8), 'moe.num_experts'),  # 4 experts over 8 expert shards
-    (dict(data=-1, tensor=8), 'model.num_heads'),
-    (dict(data=-1, tensor=2), 'data.vocab_size'),  # tiny's byte vocab 259 is odd
-])
-def test_bad_mesh(mesh, key):
-    cfg = tiny_config()
-    cfg.mesh.update(mesh)
-    with pytest.raises(ConfigError) as err:
-        validate.check(cfg, num_devices=8)
-    assert err.value.key == key
-
-
-def test_batch_must_divide_by_data_parallel_size():
-    cfg = tiny_config()
-    cfg.data.batch_size = 4  # 8 data-parallel devices
-    with pytest.raises(ConfigError, match='data.batch_size'):
-        validate.check(cfg, num_devices=8)
+from moejax.moe import routing as R
+from tests.helpers import assert_usage_error, fake_run, timed, tiny_config
 
 
 def test_mesh_shape_resolves_the_free_axis():
@@ -103,3 +44,22 @@ def test_saved_config_with_a_removed_key_still_loads(tmp_path):
     assert 'router_dtype' not in loaded.moe
     validate.check(loaded, num_devices=8)
 
+
+def test_old_configs_load_with_todays_routing(tmp_path):
+    cfg = tiny_config()
+    saved = cfg.to_dict()
+    for key in ('score_fn', 'gate_norm', 'batch_prioritized', 'capacity_rule', 'aux_loss_norm'):
+        del saved['moe'][key]
+    (tmp_path / 'config.json').write_text(__import__('json').dumps(saved))
+    loaded = config_lib.from_json(str(tmp_path / 'config.json'))
+    assert R.conventions(loaded.moe) == R.Conventions()
+    assert loaded.moe.capacity_rule == 'gshard'
+
+
+@pytest.mark.parametrize('text', ['{"model": {"d_model": 3', '', '[1, 2]', '\xff\xfe garbage'])
+@pytest.mark.parametrize('script,args', [('eval', ()), ('generate', ('--prompt=x',)),
+                                         ('analyze', ('--text=x',))])
+def test_corrupt_config_json_is_one_line(tmp_path, script, args, text):
+    workdir = fake_run(tmp_path / 'run', text)
+    proc, seconds = timed(script, f'--workdir={workdir}', *args)
+    assert_usage_error(proc, '--workdir', 'config.json', seconds=seconds)

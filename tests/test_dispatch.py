@@ -11,6 +11,7 @@ from flax import nnx
 from moejax.moe import dispatch as D
 from moejax.moe import experts, grouped
 from moejax.moe.routing import Soft, TokenChoice, expert_choice_routing
+from tests.helpers import route
 
 nnx.use_eager_sharding(False)
 
@@ -262,3 +263,151 @@ def test_fast_engines_with_several_cpu_block_sizes(blocks, swiglu, monkeypatch):
     for engine in ('sort', 'dropless'):
         for a, b in zip(jax.tree.leaves(grads_of(engine, *args, S)), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------- batch-prioritized slots and both drop metrics
+
+def flaxformer_logits(tokens, num_experts=4):
+    """Logits whose softmax gives each token the stated top choices: tokens[g][s] lists
+    (expert, prob) best first; the other experts share what is left equally (all lower)."""
+    out = np.zeros((len(tokens), len(tokens[0]), num_experts))
+    for g, group in enumerate(tokens):
+        for s, choices in enumerate(group):
+            p = np.full(num_experts, (1 - sum(q for _, q in choices))
+                        / (num_experts - len(choices)))
+            for e, q in choices:
+                p[e] = q
+            assert sorted(p, reverse=True)[:len(choices)] == [q for _, q in choices]
+            out[g, s] = np.log(p)
+    return out
+
+
+# flaxformer routing_test.py, TokensChooseScatterRouter (G=2, S=4, E=4, capacity 2). Published:
+# each token's top-1 probability (its combine weight when kept) and dispatch_indices (expert,
+# slot). Probabilities of choices that were dropped are not published; these stand-ins keep
+# the published order (a dropped first choice ranks below the kept ones of its expert).
+TOP1 = [[[(2, .25390625), (3, .2505)], [(3, .2578125), (2, .2505)],
+         [(2, .25585938), (3, .25390625)], [(2, .252), (0, .25)]],
+        [[(3, .2578125), (2, .2505)], [(2, .25390625), (3, .2505)],
+         [(3, .25585938), (2, .2505)], [(2, .25585938), (3, .2505)]]]
+
+
+FLAXFORMER_SLOTS = {
+    # test_tokens_choose_one_expert_scatter_router(_no_bpr): k=1
+    (1, True): [[[[2, 1]], [[3, 0]], [[2, 0]], [[2, 2]]],
+                [[[3, 0]], [[2, 1]], [[3, 1]], [[2, 0]]]],
+    (1, False): [[[[2, 0]], [[3, 0]], [[2, 1]], [[2, 2]]],
+                 [[[3, 0]], [[2, 0]], [[3, 1]], [[2, 1]]]],
+    # test_tokens_choose_multiple_experts_scatter_router: k=2, batch-prioritized
+    (2, True): [[[[2, 1], [3, 2]], [[3, 0], [2, 3]], [[2, 0], [3, 1]], [[2, 2], [0, 0]]],
+                [[[3, 0], [2, 2]], [[2, 1], [3, 3]], [[3, 1], [2, 3]], [[2, 0], [3, 2]]]],
+}
+
+
+FLAXFORMER_WEIGHTS = {  # combine weights: raw top-k probabilities, 0 where dropped
+    1: [[[.25390625], [.2578125], [.25585938], [0.]],
+        [[.2578125], [.25390625], [.25585938], [.25585938]]],
+    2: [[[.25390625, 0.], [.2578125, 0.], [.25585938, .25390625], [0., .25]],
+        [[.2578125, 0.], [.25390625, 0.], [.25585938, 0.], [.25585938, 0.]]],
+}
+
+
+def buffers_of(engine, routing, capacity, num_experts=4):
+    """Which token fills each (expert, slot) of each group's capacity buffer (-1: empty), read
+    from the buffers an engine hands to the experts (x = one-hot token ids)."""
+    g, s = routing.expert_GSK.shape[:2]
+    x_GSD = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32), (g, s, s))
+    seen = []
+
+    def recording_experts(w, x_GECD):
+        seen.append(np.asarray(x_GECD))
+        return jnp.zeros_like(x_GECD)
+    w = experts.ExpertWeights(jnp.zeros((num_experts, s, 1)), None, jnp.zeros((num_experts, 1, s)))
+    D.dispatch_combine(x_GSD, None, routing, w, engine=engine, capacity=capacity,
+                       experts=recording_experts, num_experts=num_experts)
+    x_GECS = seen[0]
+    return np.where(x_GECS.sum(-1) > 0, x_GECS.argmax(-1), -1)
+
+
+def expected_buffers(slots, capacity, num_experts=4):
+    """The (expert, slot) -> token table that flaxformer's dispatch_indices describe."""
+    slots = np.asarray(slots)
+    table = np.full((slots.shape[0], num_experts, capacity), -1)
+    for g, s, k in np.ndindex(slots.shape[:3]):
+        e, c = slots[g, s, k]
+        if c < capacity:
+            table[g, e, c] = s
+    return table
+
+
+@pytest.mark.parametrize('k,bpr', [(1, True), (1, False), (2, True)])
+def test_flaxformer_batch_prioritized_slots(k, bpr):
+    """Hand check of the k=2 case, group 0 (top-1 probs t1 .2578 > t2 .2559 > t0 .2539 > t3):
+    first choices in that order: t1->e3 slot 0, t2->e2 0, t0->e2 1, t3->e2 2 (full: dropped);
+    then second choices, same order: t1->e2 3 (dropped), t2->e3 1, t0->e3 2 (dropped),
+    t3->e0 0 -- flaxformer's published indices. Without priority, position order instead."""
+    r = route(flaxformer_logits(TOP1), k=k, gate_norm='raw', batch_prioritized=bpr)
+    want = np.asarray(FLAXFORMER_SLOTS[(k, bpr)])
+    np.testing.assert_array_equal(r.expert_GSK, want[..., 0])
+    pos_GSK, keep_GSK, *_ = D._sorted_slots(r.expert_GSK, jnp.ones((2, 4), bool), 4, 2,
+                                            r.priority_GS)
+    np.testing.assert_array_equal(pos_GSK, want[..., 1])
+    np.testing.assert_array_equal(keep_GSK, want[..., 1] < 2)
+    for engine in ('einsum', 'sort'):
+        np.testing.assert_array_equal(buffers_of(engine, r, 2), expected_buffers(want, 2),
+                                      err_msg=engine)
+    if bpr:
+        np.testing.assert_allclose(r.gate_GSK * keep_GSK, FLAXFORMER_WEIGHTS[k], atol=2e-6)
+
+
+def test_batch_priority_is_per_group_and_ignores_padding():
+    """S=4, every token sent to one expert with capacity 2, group 0 padded at token 2 (its
+    best score): the slots go to the two best real tokens; group 1 is ordered on its own."""
+    logits = np.log(np.array([[[.2, .8], [.9, .1], [.05, .95], [.3, .7]],
+                              [[.4, .6], [.45, .55], [.1, .9], [.35, .65]]]))
+    mask = jnp.asarray([[True, True, False, True], [True] * 4])
+    r = route(logits, k=1, mask=mask, batch_prioritized=True)
+    assert r.expert_GSK[0, 1, 0] == 0 and (r.expert_GSK.ravel() == 1).sum() == 7
+    routing = r._replace(expert_GSK=jnp.ones_like(r.expert_GSK))  # all to expert 1 of 2
+    _, keep_GSK, *_ = D._sorted_slots(routing.expert_GSK, mask, 2, 2, r.priority_GS)
+    # group 0 real scores (top-1 prob): t0 .8, t1 .9, t3 .7 -> t1, t0 kept; group 1: t2 .9, t3 .65
+    np.testing.assert_array_equal(keep_GSK[..., 0], [[1, 1, 0, 0], [0, 0, 1, 1]])
+
+
+def test_dropped_assignments_and_tokens_left_behind_hand_example():
+    """S=3 tokens all choosing (e0, e1), capacity 1, one padded token added: t0 takes both
+    slots; t1, t2 get none: 4 of 6 assignments dropped, 2 of 3 tokens left behind."""
+    expert = jnp.asarray([[[0, 1], [0, 1], [0, 1], [1, 0]]], jnp.int32)
+    gate = jnp.full((1, 4, 2), 0.5)
+    mask = jnp.asarray([[True, True, True, False]])
+    r = TokenChoice(expert, gate, {}, {})
+    w = experts.ExpertWeights(jnp.ones((2, 3, 5)), None, jnp.ones((2, 5, 3)))
+    x = jnp.ones((1, 4, 3))
+    for engine in ('einsum', 'sort'):
+        _, dropped = D.dispatch_combine(x, mask, r, w, engine=engine, capacity=1)
+        np.testing.assert_allclose(dropped, 4 / 6, rtol=1e-6)
+        left = D.tokens_left_behind(mask, r, engine=engine, capacity=1, num_experts=2)
+        np.testing.assert_allclose(left, 2 / 3, rtol=1e-6)
+    assert float(D.tokens_left_behind(mask, r, engine='dropless', capacity=1, num_experts=2)) == 0
+    # Batch priority t2 > t1 > t0: t2 takes both slots instead; still 2 of 3 left behind.
+    bpr = r._replace(priority_GS=jnp.asarray([[0.1, 0.2, 0.3, 0.9]]))
+    _, keep, *_ = D._sorted_slots(expert, mask, 2, 1, bpr.priority_GS)
+    np.testing.assert_array_equal(keep, [[[0, 0], [0, 0], [1, 1], [0, 0]]])
+    np.testing.assert_allclose(D.tokens_left_behind(mask, bpr, engine='sort', capacity=1,
+                                                    num_experts=2), 2 / 3, rtol=1e-6)
+
+
+def test_tokens_left_behind_under_expert_choice():
+    """E=2 experts each take their top-1 of 3 tokens: e0 takes t1 (.6), e1 takes t2 (.55), so
+    t0 is picked by none: 1 of 3 left behind. With t2 padding, e1 takes t0: none left behind."""
+    logits = jnp.log(jnp.asarray([[[.5, .5], [.6, .4], [.45, .55]]]))
+    probs = jax.nn.softmax(logits, -1)
+    assert probs[0, 1, 0] > probs[0, 0, 0] and probs[0, 2, 1] > probs[0, 0, 1]
+    r = expert_choice_routing(logits, jnp.ones((1, 3), bool), 1)  # t1 for e0, t2 for e1
+    left = D.tokens_left_behind(jnp.ones((1, 3), bool), r, engine='sort', capacity=1,
+                                num_experts=2)
+    np.testing.assert_allclose(left, 1 / 3, rtol=1e-6)
+    mask = jnp.asarray([[True, True, False]])
+    r = expert_choice_routing(logits, mask, 1)  # e1 then takes t0 (t2 is padding)
+    np.testing.assert_allclose(D.tokens_left_behind(mask, r, engine='sort', capacity=1,
+                                                    num_experts=2), 0.0, atol=1e-7)

@@ -1,11 +1,13 @@
 """Expert parallelism (moejax.moe.expert_parallel): the ragged exchange of dropless routing and
 the capacity buffers' all_to_all, each against one device or a row-by-row NumPy computation.
 
-The layouts train 6 steps like one device (tests/test_parallel.py's harness, decisions with a
-clear margin); a forced overflow drops exactly the rows the documented rule names; and the step
-lowered for cuda and tpu holds the real ragged collective and no capacity buffer.
+The layouts train 6 steps like one device (tests/layouts.py's harness, decisions with a
+clear margin), with each dispatch engine, with drops and with expert choice; a forced overflow
+drops exactly the rows the documented rule names; and the step lowered for cuda and tpu holds
+the real ragged collective and no capacity buffer.
 """
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from moejax.moe import expert_parallel, experts
 from moejax.moe.routing import TokenChoice
 from moejax.run import state as state_lib
 from moejax.run import step as step_lib
-from tests import test_parallel as P
+from tests import layouts as P
 
 DROPLESS = dict(dispatch='dropless', ep_buffer_factor=0.0)  # the worst case: nothing can drop
 
@@ -44,6 +46,23 @@ def test_swiglu_top2_dropless_under_expert_parallelism_trains_like_one_device():
     moe = dict(DROPLESS, top_k=2, activation='swiglu')
     history, _, _ = P.run(P.make_config({'data': 2, 'expert': 4}, **moe))
     P.assert_same_training(history, P.one_device(**moe))
+
+
+@pytest.mark.parametrize('engine,comm', [('einsum', 'gspmd'), ('einsum', 'all_to_all'),
+                                         ('dropless', 'auto'), ('dropless', 'all_to_all')])
+def test_dispatch_engine_matches_one_device(engine, comm):  # 'sort': test_sharding's
+    P.check({'data': 2, 'expert': 4}, comm, dispatch=engine, ep_buffer_factor=0.0)
+
+
+def test_all_to_all_with_drops_matches_one_device():
+    """Top-2 (SwiGLU experts), capacity factor 1: drops are per group, so any mesh has the same."""
+    history = P.check({'data': 2, 'expert': 4}, 'all_to_all', top_k=2, capacity_factor=1.0,
+                      activation='swiglu')
+    assert all(h['dropped_fraction'] > 0 for h in history)
+
+
+def test_all_to_all_expert_choice_matches_one_device():
+    P.check({'expert': 8}, 'all_to_all', router='expert_choice', capacity_factor=2.0)
 
 
 # ---- a forced overflow ------------------------------------------------------------------------
@@ -167,3 +186,40 @@ def test_configs_saved_before_the_ragged_exchange_keep_their_meaning(tmp_path):
     (tmp_path / 'config.json').write_text(__import__('json').dumps(saved))
     loaded = config_lib.from_json(str(tmp_path / 'config.json'))
     assert (loaded.moe.comm, loaded.moe.ep_buffer_factor) == ('auto', 0.0)
+
+
+# ---- batch priority and the drop metrics -----------------------------------------------------
+
+BPR_DROPS = dict(top_k=1, capacity_factor=1.0, batch_prioritized=True, activation='swiglu')
+
+
+@pytest.mark.parametrize('comm', ['gspmd', 'all_to_all'])
+def test_batch_priority_and_drop_metrics_match_one_device_when_expert_parallel(comm):
+    """Priority is within a routing group, so each device's groups (all_to_all: dispatched
+    per device shard) get the slots one device gives them: same losses and both drop metrics.
+    Priority sorts router scores, so the reference's capacity edges must have a clear margin
+    (one_device checks it): near-ties would round either way on different CPUs."""
+    history, hlo, _ = P.run(P.make_config({'data': 2, 'expert': 4}, comm=comm, **BPR_DROPS))
+    reference = P.one_device(**BPR_DROPS)
+    assert_same_drops(history, reference)
+    assert all(h['tokens_left_behind'] > 0 for h in reference)  # the premise: tokens lost
+    assert comm == 'gspmd' or 'all-to-all' in hlo
+
+
+def assert_same_drops(history, reference):
+    for key in ('loss', 'aux_loss', 'dropped_fraction', 'tokens_left_behind', 'expert_load'):
+        np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference],
+                                   rtol=P.RTOL, atol=1e-6, err_msg=key)
+
+
+def test_the_verdict_survives_router_noise_but_not_a_real_break():
+    """Issue 28's check of the check: the expert-parallel side's router logits nudged by 8
+    ulps still match one device; the same side with capacity by position instead of by score
+    does not."""
+    cfg = P.make_config({'data': 2, 'expert': 4}, comm='all_to_all', **BPR_DROPS)
+    reference = P.one_device(**BPR_DROPS)
+    assert_same_drops(P.run(cfg, ulps=8)[0], reference)
+    with mock.patch.object(D, '_token_order', lambda priority_GS: None):
+        broken = P.run(cfg)[0]
+    with pytest.raises(AssertionError):
+        assert_same_drops(broken, reference)

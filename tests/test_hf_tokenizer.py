@@ -23,7 +23,7 @@ from moejax import data
 from moejax.data import hf_tokenizer as hf
 from moejax.errors import ConfigError
 from moejax.hf import tokenizer as hf_tokenizer_io
-from tests.test_data import (
+from tests.corpora import (
     all_rows,
     make_cfg,
     reconstruct,

@@ -18,8 +18,8 @@ from moejax.errors import ConfigError
 from moejax.model import attention, mla
 from moejax.readers import sampling
 from tests.helpers import tiny_config
+from tests.layouts import assert_same_training, make_config, run
 from tests.test_attention import packed_segments
-from tests.test_parallel import assert_same_training, make_config, run
 from tests.test_sampling import greedy_without_cache, make_model
 
 MLA_KEYS = dict(attention_kind='mla', kv_lora_rank=12, qk_nope_head_dim=12, qk_rope_head_dim=4,
@@ -135,7 +135,7 @@ def test_latent_cache_generation_equals_generation_without_it():
 
 
 # Heads over tensor with experts over expert (GSPMD), and weights over fsdp with the explicit
-# all-to-all: the axes MLA's parameters and activations are split over (tests/test_parallel.py
+# all-to-all: the axes MLA's parameters and activations are split over (tests/test_sharding.py
 # covers the rest of the layouts for the layers MLA shares with standard attention).
 LAYOUTS = [({'data': 2, 'expert': 2, 'tensor': 2}, 'gspmd'),
            ({'fsdp': 2, 'expert': 4}, 'all_to_all')]

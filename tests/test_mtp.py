@@ -15,8 +15,8 @@ from moejax import validate
 from moejax.run import evaluate as evaluate_lib
 from moejax.run import step as step_lib
 from tests.helpers import tiny_config
+from tests.layouts import assert_same_training, make_config, run
 from tests.test_mla import rms, rotate
-from tests.test_parallel import assert_same_training, make_config, run
 
 DEPTH = 2
 

@@ -2,7 +2,7 @@
 
 The kernel is this interpreter (a kernelspec written to a temporary Jupyter path), so the test
 works from a fresh `pip install -e .[test]` with no kernel installed. train_and_inspect runs the
-`tiny` variant for a few steps; the corpus is prepared in a temporary data_dir.
+`tiny` variant for a few steps on the session's prepared corpus (conftest's data_dir).
 """
 import glob
 import os
@@ -20,14 +20,14 @@ KERNEL = 'moejax-test'
 
 
 @pytest.fixture(scope='module')
-def kernel_env(tmp_path_factory):
+def kernel_env(tmp_path_factory, data_dir):
     """A kernelspec running sys.executable, and the environment the notebooks read."""
     root = tmp_path_factory.mktemp('jupyter')
     kernelspec.install(kernel_name=KERNEL, prefix=str(root))
     (root / 'tmp').mkdir()
     env = {'JUPYTER_PATH': str(root / 'share' / 'jupyter'), 'TMPDIR': str(root / 'tmp'),
            'MOEJAX_NOTEBOOK_VARIANT': 'tiny', 'MOEJAX_NOTEBOOK_STEPS': '20',
-           'MOEJAX_DATA_DIR': str(root / 'data'), 'JAX_PLATFORMS': 'cpu',
+           'MOEJAX_DATA_DIR': data_dir, 'JAX_PLATFORMS': 'cpu',
            'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from moejax.moe import routing as R
-from tests.helpers import moe_cfg
+from tests.helpers import moe_cfg, route
 
 nnx.use_eager_sharding(False)
 
@@ -309,3 +309,166 @@ def test_sequence_wise_balance_loss_is_deepseek_v3s_per_sequence_formula():
     plain = R.top_k_routing(logits_GSE, jnp.asarray(mask.reshape(-1, 4)), K, balance='bias',
                                   conv=R.Conventions(score_fn='sigmoid'))
     assert 'seq_aux_loss' not in plain.losses  # off by default: old runs' losses unchanged
+
+
+# ------------------------------- peers' conventions: gates, scores, DeepSeek-V3, the aux loss
+
+def test_noisy_top_k_priority_is_its_first_gate():
+    """Noise is off at eval: the gates are the softmax over the kept logits (2, 1): .731, .269;
+    the priority is the first (.731 and, for logits (0, 3), .953), or None without BPR."""
+    logits = [[[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, -1.0, -2.0]]]
+    r = route(logits, k=2, router='noisy_top_k', batch_prioritized=True)
+    np.testing.assert_allclose(r.priority_GS, [[1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-3))]],
+                               rtol=1e-6)
+    assert route(logits, k=2, router='noisy_top_k').priority_GS is None
+
+
+LOGITS_1 = np.log(np.array([[[0.5, 0.3, 0.15, 0.05]]]))
+
+
+@pytest.mark.parametrize('norm,k,want', [
+    ('auto', 1, [0.5]), ('auto', 2, [0.625, 0.375]),      # renormalised only for k > 1
+    ('raw', 1, [0.5]), ('raw', 2, [0.5, 0.3]),            # Switch / ST-MoE / flaxformer
+    ('renorm', 1, [1.0]), ('renorm', 2, [0.625, 0.375]),  # Mixtral, DeepSeek-V3
+])
+def test_gate_norm_hand_values(norm, k, want):
+    r = route(LOGITS_1, k=k, gate_norm=norm)
+    np.testing.assert_array_equal(r.expert_GSK[0, 0], [0, 1][:k])
+    np.testing.assert_allclose(r.gate_GSK[0, 0], want, rtol=1e-6)
+
+
+def test_sigmoid_scores_hand_values():
+    """sigmoid(ln 3) = .75, sigmoid(0) = .5, sigmoid(-ln 3) = .25: the gates are the scores
+    ('raw') or .75/1.25, .5/1.25; statistics use the scores normalised over experts."""
+    logits = [[[0.0, math.log(3), -math.log(3), -math.log(9)]]]  # scores .5 .75 .25 .1
+    raw = route(logits, k=2, score_fn='sigmoid', gate_norm='raw')
+    np.testing.assert_array_equal(raw.expert_GSK[0, 0], [1, 0])
+    np.testing.assert_allclose(raw.gate_GSK[0, 0], [0.75, 0.5], rtol=1e-6)
+    norm = route(logits, k=2, score_fn='sigmoid', routed_scaling_factor=2.0)
+    np.testing.assert_allclose(norm.gate_GSK[0, 0], [1.2, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(norm.stats['top1_prob'], 0.75 / 1.6, rtol=1e-6)
+
+
+def np_deepseek_v3_gate(logits, bias, n_group, topk_group, k, scale):
+    """DeepSeek-V3's published gate (inference/model.py Gate.forward, sigmoid scoring, with the
+    selection bias), as a loop: group score = sum of its top-2 biased scores; masked groups -inf;
+    top-k of the biased scores; weights = unbiased scores of the chosen, normalised, scaled."""
+    experts, weights = [], []
+    for x in logits.reshape(-1, logits.shape[-1]):
+        s = 1 / (1 + np.exp(-x.astype(np.float64)))
+        sel = (s + bias).reshape(n_group, -1)
+        group_score = np.sort(sel, axis=-1)[:, -2:].sum(-1)
+        best = np.argsort(-group_score, kind='stable')[:topk_group]
+        sel = np.where(np.isin(np.arange(n_group), best)[:, None], sel, -np.inf).ravel()
+        idx = np.argsort(-sel, kind='stable')[:k]
+        experts.append(idx)
+        weights.append(s[idx] / s[idx].sum() * scale)
+    shape = logits.shape[:-1] + (k,)
+    return np.reshape(experts, shape), np.reshape(weights, shape)
+
+
+def deepseek(logits, bias=None, **overrides):
+    conv = dict(k=2, score_fn='sigmoid', gate_norm='renorm', routed_scaling_factor=2.5,
+                num_expert_groups=4, top_expert_groups=2, balance='bias')
+    conv.update(overrides)
+    logits = jnp.asarray(logits, jnp.float32)
+    router = R.Router(8, moe_cfg(num_experts=8, top_k=conv.pop('k'), **conv), rngs=nnx.Rngs(0))
+    router.w_DE[...] = jnp.eye(8)
+    if bias is not None:
+        router.expert_bias[...] = jnp.asarray(bias, jnp.float32)
+    return router(logits, None, train=False, rng=None)
+
+
+def logit(p):
+    p = np.asarray(p, np.float64)
+    return np.log(p / (1 - p))
+
+
+SCORES = [0.9, 0.1, 0.6, 0.65, 0.55, 0.55, 0.2, 0.3]  # 4 groups of 2 experts
+
+
+def test_deepseek_v3_group_limited_hand_values():
+    """Group scores (top-2 sums) 1.0, 1.25, 1.1, 0.5: groups 1 and 2 win, so expert 0 (the best
+    score, 0.9) is out of reach; top-2 of experts 2..5: e3 (.65), e2 (.6); weights .65/1.25 and
+    .6/1.25, times 2.5 = 1.3, 1.2. Without groups: e0, e3."""
+    r = deepseek(logit([[SCORES]]))
+    np.testing.assert_array_equal(r.expert_GSK[0, 0], [3, 2])
+    np.testing.assert_allclose(r.gate_GSK[0, 0], [1.3, 1.2], rtol=1e-5)
+    free = deepseek(logit([[SCORES]]), num_expert_groups=0, top_expert_groups=0)
+    np.testing.assert_array_equal(free.expert_GSK[0, 0], [0, 3])
+    np.testing.assert_allclose(free.gate_GSK[0, 0], [2.5 * .9 / 1.55, 2.5 * .65 / 1.55], rtol=1e-5)
+
+
+def test_deepseek_v3_bias_selects_but_does_not_weight():
+    """Bias +.3, +.2 on experts 4, 5: biased group 2 = .85 + .75 = 1.6 beats group 1 (1.25);
+    the top-2 biased scores are e4 (.85), e5 (.75); their weights come from the unbiased
+    scores .55, .55: 1.25 each."""
+    bias = [0, 0, 0, 0, 0.3, 0.2, 0, 0]
+    r = deepseek(logit([[SCORES]]), bias=bias)
+    np.testing.assert_array_equal(r.expert_GSK[0, 0], [4, 5])
+    np.testing.assert_allclose(r.gate_GSK[0, 0], [1.25, 1.25], rtol=1e-5)
+
+
+def test_deepseek_v3_matches_published_gate_on_random_logits():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 8)) * 2
+    bias = rng.normal(size=8) * 0.3
+    for n_group, topk_group, k in [(4, 2, 2), (2, 1, 3), (8, 3, 2), (4, 4, 4)]:
+        r = deepseek(logits, bias=bias, k=k, num_expert_groups=n_group,
+                     top_expert_groups=topk_group)
+        want_e, want_w = np_deepseek_v3_gate(logits, bias, n_group, topk_group, k, 2.5)
+        np.testing.assert_array_equal(r.expert_GSK, want_e)
+        np.testing.assert_allclose(r.gate_GSK, want_w, rtol=1e-5)
+
+
+def test_t5x_capacity_rule_hand_values():
+    t5x = lambda s, e, k, cf, m=1: R.capacity(s, e, k, cf, rule='t5x', min_capacity=m)
+    assert t5x(512, 8, 1, 1.25) == 80            # round(1.25 * 512 / 8)
+    assert t5x(512, 8, 2, 1.25) == 80            # no k: GShard's rule gives 160
+    assert R.capacity(512, 8, 2, 1.25) == 160
+    assert t5x(10, 4, 1, 1.0) == 2               # round(2.5) = 2 (half to even); GShard ceil: 3
+    assert t5x(14, 4, 1, 1.0) == 4               # round(3.5) = 4
+    assert t5x(8, 4, 2, 1.0, m=4) == 4           # min_expert_capacity (flaxformer configs: 4)
+    assert t5x(2, 4, 1, 1.0, m=4) == 2           # never more than the group
+    assert t5x(8, 4, 2, 0.0) == 8                # no drops
+    assert R.capacity(8, 4, 1, 1.0, min_capacity=3) == 3
+
+
+def test_aux_loss_norm_uniform_routing():
+    """Uniform probs, every expert chosen equally often: E * sum_e f_e P_e is 1 when f counts
+    assignments (k per token) and k when f counts tokens (ST-MoE/T5X)."""
+    e, s = 4, 8
+    probs = jnp.full((1, s, e), 1 / e)
+    mask = jnp.ones((1, s), bool)
+    for k in (1, 2, 4):
+        expert = jnp.asarray([[[(t + j) % e for j in range(k)] for t in range(s)]])
+        assert float(R.load_balancing_loss(probs, expert, mask)) == pytest.approx(1.0)
+        assert float(R.load_balancing_loss(probs, expert, mask, 'tokens')) == pytest.approx(k)
+
+
+def test_aux_loss_norm_hand_values_through_the_router():
+    """E=2, S=2, k=1 with probs (.8, .2) and (.3, .7): f = (.5, .5), P = (.55, .45), so
+    2 * (.5 * .55 + .5 * .45) = 1 under both norms; k=2 picks both experts for every token:
+    f_tokens = (1, 1) gives 2 * (.55 + .45) = 2, f_assignments = (.5, .5) gives 1."""
+    logits = np.log([[[.8, .2], [.3, .7]]])
+    for k, tokens_want in ((1, 1.0), (2, 2.0)):
+        a = route(logits, k=k)
+        t = route(logits, k=k, aux_loss_norm='tokens')
+        assert float(a.losses['aux_loss']) == pytest.approx(1.0, rel=1e-6)
+        assert float(t.losses['aux_loss']) == pytest.approx(tokens_want, rel=1e-6)
+
+
+def test_flaxformer_published_load_balancing_loss():
+    """flaxformer routing_test.test_load_balancing_loss: 5 tokens, 2 experts, k=1, inputs from
+    PRNGKey(0) with the (then default) non-partitionable threefry; published value 0.8741045."""
+    saved = jax.config.jax_threefry_partitionable
+    jax.config.update('jax_threefry_partitionable', False)
+    try:
+        rng = jax.random.PRNGKey(0)
+        probs = jax.random.uniform(rng, (5, 2), minval=0, maxval=1)
+        expert = jax.random.randint(rng, (5, 1), minval=0, maxval=2)
+    finally:
+        jax.config.update('jax_threefry_partitionable', saved)
+    for norm in R.AUX_LOSS_NORMS:  # k=1: the two conventions agree
+        loss = R.load_balancing_loss(probs[None], expert[None], jnp.ones((1, 5), bool), norm)
+        np.testing.assert_allclose(loss, 0.8741045, rtol=1e-6)

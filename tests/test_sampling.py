@@ -1,8 +1,7 @@
-"""Cached sampling against recomputing the full forward; eval and generate from checkpoints."""
+"""Sampling (moejax/readers/sampling.py): cached decoding against recomputing the full forward;
+the generate command on a trained checkpoint."""
 import json
-import math
-import shutil
-import subprocess
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import data as data_lib
-from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
-from moejax.readers import evaluation, sampling, saved_run
-from tests.helpers import mounted_tmpfs, run_cli, tiny_config
+from moejax.readers import sampling, saved_run
+from tests.helpers import assert_usage_error, run_cli, timed, tiny_config
 
 
 def make_model(cfg, seed=0):
@@ -115,88 +112,9 @@ def test_a_seed_fixes_the_sample_and_another_seed_changes_it():
 # ------------------------------------------------------------------- from a trained checkpoint
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """configs/default.py:tiny trained 10 steps (checkpoints at 5 and 10) through the CLI."""
-    root = tmp_path_factory.mktemp('trained')
-    workdir, data_dir = str(root / 'run'), str(root / 'data')
-    proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                   f'--config.data.data_dir={data_dir}')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = tiny_config()
-    cfg.data.data_dir = data_dir
-    return workdir, cfg
-
-
 @pytest.mark.slow
-def test_eval_cli_writes_perplexity_of_a_saved_step(trained):
-    workdir, cfg = trained
-    proc = run_cli('eval', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                   f'--config.data.data_dir={cfg.data.data_dir}', '--split=validation', '--step=5')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(f'{workdir}/eval_validation_5.json') as f:
-        saved = json.load(f)
-    # One readable line, as training prints its evaluations, naming the file it wrote.
-    assert proc.stdout.strip().splitlines()[-1] == (
-        f'eval at step 5 on validation: loss {saved["loss"]:.4f} | perplexity '
-        f'{saved["perplexity"]:.2f} | bits/byte {saved["bits_per_byte"]:.4f} | '
-        f'{saved["tokens"]:,} tokens (written to {workdir}/eval_validation_5.json)')
-    assert saved['step'] == 5 and saved['split'] == 'validation'
-    assert saved['perplexity'] == pytest.approx(math.exp(saved['loss']), rel=1e-9)
-    # Tokens counted: every real target token of the eval batches, counted independently.
-    tokenizer = data_lib.get_tokenizer(cfg, workdir)
-    batches = data_lib.eval_batches(cfg, tokenizer, 'validation')
-    assert saved['tokens'] == sum(int((batches[i]['segment_ids'] > 0).sum())
-                                  for i in range(len(batches)))
-    # Byte tokenizer: each target is one byte, except end-of-document tokens (zero bytes).
-    assert saved['bits_per_byte'] >= saved['loss'] / math.log(2) - 1e-9
-    load = np.asarray(saved['expert_load'])
-    assert load.shape == (1, cfg.moe.num_experts)
-    np.testing.assert_allclose(load.sum(-1), 1.0, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_eval_any_step_and_split_on_any_mesh(trained):
-    workdir, cfg = trained
-    at = {step: evaluation.evaluate_checkpoint(cfg, workdir, 'validation', step) for step in (5, 10)}
-    assert at[10]['perplexity'] < at[5]['perplexity']  # validation perplexity falls
-    for result in at.values():
-        assert result['perplexity'] == pytest.approx(math.exp(result['loss']), rel=1e-9)
-    on_train = evaluation.evaluate_checkpoint(cfg, workdir, 'train', 10)
-    assert on_train['split'] == 'train' and on_train['loss'] != at[10]['loss']
-    # The same checkpoint on another layout (experts split over 4 devices): the same numbers.
-    other = cfg.copy_and_resolve_references()
-    other.mesh.update(data=2, expert=4)
-    moved = evaluation.evaluate_checkpoint(other, workdir, 'validation', 10)
-    assert moved['loss'] == pytest.approx(at[10]['loss'], rel=1e-5, abs=1e-5)
-    assert moved['tokens'] == at[10]['tokens']
-    np.testing.assert_allclose(moved['expert_load'], at[10]['expert_load'], atol=1e-5)
-
-
-@pytest.mark.slow
-def test_eval_of_a_read_only_workdir_writes_its_result_to_out_dir(trained, tmp_path):
-    """Issue 24, finding 12: a reader needs nothing written into the run; the result file goes
-    to --out_dir, and without it the refusal says so, before anything is evaluated."""
-    workdir, cfg = trained
-    expected = evaluation.evaluate_checkpoint(cfg, workdir, 'validation', 5)
-    with mounted_tmpfs(tmp_path / 'mount', size='64m') as mount:
-        shutil.copytree(workdir, mount / 'run')
-        subprocess.run(['mount', '-o', 'remount,ro', str(mount)], check=True)
-        with pytest.raises(ConfigError, match='cannot hold the result .Read-only file system.; '
-                                              'pass --out_dir'):
-            evaluation.evaluate_checkpoint(cfg, str(mount / 'run'), 'validation', 5)
-        out = tmp_path / 'out'
-        result = evaluation.evaluate_checkpoint(cfg, str(mount / 'run'), 'validation', 5,
-                                                out_dir=str(out))
-    assert result['file'] == str(out / 'eval_validation_5.json')
-    assert {k: v for k, v in result.items() if k != 'file'} == json.loads(
-        (out / 'eval_validation_5.json').read_text())
-    assert result['loss'] == expected['loss'] and result['tokens'] == expected['tokens']
-
-
-@pytest.mark.slow
-def test_generate_prints_text_from_a_checkpoint(trained):
-    workdir, _ = trained
+def test_generate_prints_text_from_a_checkpoint(trained_tiny_run):
+    workdir = trained_tiny_run
     args = (f'--workdir={workdir}', '--prompt=import os', '--max_new_tokens=16')
     proc = run_cli('generate', *args, '--temperature=0')
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,9 +131,44 @@ def test_generate_prints_text_from_a_checkpoint(trained):
 
 
 @pytest.mark.slow
-def test_generate_usage_errors_exit_2(trained):
-    workdir, _ = trained
+def test_generate_usage_errors_exit_2(trained_tiny_run):
+    workdir = trained_tiny_run
     too_long = run_cli('generate', f'--workdir={workdir}', '--max_new_tokens=1000')
     assert too_long.returncode == 2 and '--max_new_tokens' in too_long.stderr
     no_step = run_cli('generate', f'--workdir={workdir}', '--step=7')
     assert no_step.returncode == 2 and 'saved steps: [5, 10]' in no_step.stderr
+
+
+@pytest.mark.parametrize('flag,shown', [
+    ('--top_k=-3', ['--top_k=-3', '>= 0']),
+    ('--temperature=-1', ['--temperature=-1', 'finite number >= 0']),
+    ('--temperature=nan', ['--temperature=nan', 'finite number >= 0']),
+    ('--temperature=inf', ['--temperature=inf', 'finite number >= 0']),
+    ('--max_new_tokens=-1', ['--max_new_tokens=-1', '>= 1']),
+    ('--num_samples=0', ['--num_samples=0', '>= 1']),
+])
+def test_bad_generate_flags_are_one_line(tmp_path, flag, shown):
+    """Checked before a checkpoint is read (so this workdir needs none), within seconds."""
+    proc, seconds = timed('generate', f'--workdir={tmp_path}', '--prompt=x', flag)
+    assert_usage_error(proc, *shown, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_max_len_names_the_prompt(trained_tiny_run):
+    with open(os.path.join(trained_tiny_run, 'config.json')) as f:
+        max_len = json.load(f)['model']['max_len']
+    proc = run_cli('generate', f'--workdir={trained_tiny_run}', '--prompt=' + 'a' * (2 * max_len),
+                   timeout=120)
+    bos_and_bytes = 2 * max_len + 1  # the tiny run's byte tokenizer: one token per byte
+    assert_usage_error(proc, '--prompt', f'{bos_and_bytes} tokens', f'model.max_len={max_len}')
+    assert '--max_new_tokens' not in proc.stderr
+    fits = run_cli('generate', f'--workdir={trained_tiny_run}', '--prompt=ab',
+                   '--max_new_tokens=64', timeout=120)
+    assert_usage_error(fits, '--max_new_tokens=64', f'use at most {max_len - 3}')
+
+
+@pytest.mark.slow
+def test_generate_missing_step(trained_tiny_run):
+    proc = run_cli('generate', f'--workdir={trained_tiny_run}', '--prompt=x', '--max_new_tokens=4',
+                   '--step=7', timeout=120)
+    assert_usage_error(proc, '--step=7', 'saved steps: [5, 10]')

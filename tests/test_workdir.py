@@ -1,12 +1,12 @@
-"""A workdir's guards (moejax/run/workdir.py, issue 24 findings 4, 5 and 8; issue 29 point 5):
-the lock is written whole and a damaged or empty one does not block the workdir; --restart
+"""A workdir's guards (moejax/run/workdir.py): one trainer per workdir (a lock file), and a
+resume guard that refuses a config that does not fit the saved run and changes nothing (issue
+12); the lock is written whole and a damaged or empty one does not block the workdir; --restart
 checks the new run before it moves the old one; the resume guard names the ways out from what
-was given; metrics.jsonl lines without an integer step are skipped, not a traceback."""
-import glob
-import hashlib
+was given (issue 24 findings 4, 5 and 8; issue 29 point 5)."""
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,32 +16,12 @@ import pytest
 
 from configs import default
 from moejax.hf import convert
-from moejax.run import metrics
 from moejax.run import workdir as workdir_lib
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, cli_env, snapshot, tiny_config, train_command
+from tests.runs import error_lines, read_until, start, train, train_records
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf', 'mixtral',
                        'single')
-
-
-def train_command(workdir, *args) -> list[str]:
-    return [sys.executable, os.path.join(REPO, 'launch', 'train.py'), f'--workdir={workdir}',
-            *args]
-
-
-def cli_env() -> dict:
-    return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-                XLA_FLAGS='--xla_force_host_platform_device_count=8')
-
-
-def snapshot(workdir) -> dict[str, str]:
-    """{relative path: sha256} of every file under workdir."""
-    out = {}
-    for path in glob.glob(os.path.join(workdir, '**'), recursive=True):
-        if os.path.isfile(path):
-            with open(path, 'rb') as f:
-                out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 # ----------------------------------------------------------------------------------- the lock
@@ -139,17 +119,110 @@ def test_the_resume_guard_names_the_ways_out_from_what_was_given(tmp_path):
     assert 'pass --restart' in message
 
 
-# ------------------------------------------------------------------------------ metrics.jsonl
+# ------------------------------------------------- one trainer per workdir (issue 12)
+
+def test_lock_is_exclusive_and_only_the_holder_releases_it(tmp_path):
+    lock = workdir_lib.WorkdirLock(str(tmp_path))
+    lock.acquire()
+    with pytest.raises(workdir_lib.ConfigError, match=f'pid {os.getpid()}'):
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()  # held by a live process
+    lock.release()
+    assert not os.path.exists(lock.path)
+    # A lock of a process that has exited on this host is stale.
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    with open(lock.path, 'w') as f:
+        json.dump({'host': os.uname().nodename, 'pid': int(dead), 'started': 'then'}, f)
+    lock.acquire()
+    assert json.load(open(lock.path))['pid'] == os.getpid()
+    lock.release()
+    # One from another host cannot be checked from here: refused, naming the file to delete.
+    with open(lock.path, 'w') as f:
+        json.dump({'host': 'elsewhere', 'pid': 1, 'started': 'then'}, f)
+    with pytest.raises(workdir_lib.ConfigError, match='delete the lock file'):
+        lock.acquire()
 
 
-def test_metrics_lines_without_an_integer_step_are_skipped_not_a_traceback(tmp_path, capsys):
-    records = [{'step': 1, 'loss': 3.0}, {'step': 'abc', 'loss': 2.0}, {'step': 2, 'loss': 1.0},
-               {'step': [3], 'loss': 0.5}]
-    path = tmp_path / 'metrics.jsonl'
-    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
-    assert metrics.read_jsonl(str(path)) == [records[0], records[2]]
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and 'skipped 2 unreadable line(s), the first is line 2' in err[0]
-    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
-    writer.truncate_after(1)  # a resume from step 1
-    assert path.read_text() == json.dumps(records[0]) + '\n'
+@pytest.mark.slow
+def test_second_trainer_is_refused_and_a_killed_runs_lock_does_not_block(data_dir,
+                                                                         compile_cache,
+                                                                         tmp_path):
+    workdir = str(tmp_path / 'run')
+    first = start(workdir, data_dir, compile_cache, '--config.train.num_steps=1000')
+    try:
+        read_until(first, lambda line: line.startswith('step'))
+        holder = json.load(open(os.path.join(workdir, workdir_lib.LOCK)))
+        assert holder['pid'] == first.pid
+        second = train(workdir, data_dir, compile_cache, '--config.train.num_steps=1000')
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = error_lines(second)
+        assert len(lines) == 1 and f'pid {first.pid}' in lines[0], lines
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        first.stdout.close()
+        first.stderr.close()
+    assert os.path.exists(os.path.join(workdir, workdir_lib.LOCK))  # left by the killed run
+    third = train(workdir, data_dir, compile_cache)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert 'Removed a stale lock' in third.stdout
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))  # released at exit
+    steps = [r['step'] for r in train_records(workdir)]  # one record per step, in order
+    assert steps == list(range(1, max(steps) + 1)) and max(steps) >= 10
+
+
+# ---------------------------------------------------- the resume rule (issue 12)
+
+@pytest.mark.slow
+def test_config_that_changes_the_saved_state_is_refused_and_nothing_is_touched(
+        trained_tiny_run, data_dir, compile_cache, tmp_path):
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(trained_tiny_run, workdir)
+    before = snapshot(workdir)
+    for flag, expected in (('--config.model.d_model=64', 'model.d_model 32 -> 64'),
+                           ('--config.opt.name=adafactor', "opt.name 'adamw' -> 'adafactor'")):
+        result = train(workdir, data_dir, compile_cache, flag)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = error_lines(result)
+        assert len(lines) == 1 and expected in lines[0] and 'new --workdir' in lines[0], lines
+        assert snapshot(workdir) == before  # checkpoints, config.json, metrics: byte-identical
+    # clip_norm is an optimizer hyperparameter, but 0 removes a state entry: refused too.
+    result = train(workdir, data_dir, compile_cache, '--config.opt.clip_norm=0')
+    assert result.returncode == 2 and 'opt.clip_norm 1.0 -> 0' in result.stderr, result.stderr
+    assert snapshot(workdir) == before
+
+    # A steering key may change: the run resumes, and the change is recorded.
+    result = train(workdir, data_dir, compile_cache, '--config.train.num_steps=12')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Resumed from checkpoint at step 10.' in result.stdout
+    assert 'train.num_steps 10 -> 12' in result.stdout
+    with open(os.path.join(workdir, workdir_lib.CHANGES)) as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]['changes'] == {'train.num_steps': [10, 12]}
+    assert records[-1]['resumed_from_step'] == 10
+    assert train_records(workdir)[:10] == train_records(trained_tiny_run)  # history kept
+    assert [r['step'] for r in train_records(workdir)] == list(range(1, 13))
+
+
+def test_a_dense_run_resumes_whatever_the_unread_moe_keys_say():
+    saved = tiny_config(moe_every=0)
+    new = tiny_config(moe_every=0, dispatch='dropless', num_experts=16, group_size=64)
+    assert workdir_lib.config_changes(saved, new) == {}
+    new.model.moe_every = 2  # now the moe keys shape a layer: every change counts
+    changes = workdir_lib.config_changes(saved, new)
+    assert set(changes) == {'model.moe_every', 'moe.dispatch', 'moe.num_experts',
+                            'moe.group_size'}
+    assert changes['moe.dispatch'] == ('sort', 'dropless')
+
+
+def test_resume_rule_allows_steering_keys_and_refuses_the_rest_and_unknown_keys():
+    saved, new = tiny_config(), tiny_config()
+    new.train.num_steps, new.mesh.expert, new.opt.lr = 99, 2, 1e-4
+    new.model.d_model, new.moe.top_k = 64, 2
+    new.model.brand_new_key = 'x'  # a key added later, absent from the saved config
+    changes = workdir_lib.config_changes(saved, new)
+    assert changes == {'train.num_steps': (10, 99), 'mesh.expert': (1, 2), 'opt.lr': (3e-3, 1e-4),
+                       'model.d_model': (32, 64), 'moe.top_k': (1, 2),
+                       'model.brand_new_key': (workdir_lib.ABSENT, 'x')}
+    refused = sorted(k for k in changes if not workdir_lib.is_steering(k))
+    assert refused == ['model.brand_new_key', 'model.d_model', 'moe.top_k']

@@ -1,5 +1,6 @@
-"""Opening a finished run (saved_run.open_run) and the parity tool launch/forward.py: logits
-against a model restored independently (the whole TrainState through Checkpointer.restore)."""
+"""Opening a finished run (moejax/readers/saved_run.py: open_run) and its logits through the
+parity tool launch/forward.py, against a model restored independently (the whole TrainState
+through Checkpointer.restore)."""
 import json
 import os
 import shutil
@@ -146,24 +147,13 @@ def test_padding_rows_fill_the_batch_shards_and_whole_groups():
 # ------------------------------------------------------------------- from a trained run
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """configs/default.py:tiny trained its 10 steps (checkpoints at 5 and 10) through the CLI."""
-    root = tmp_path_factory.mktemp('trained')
-    workdir = str(root / 'run')
-    proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                   f'--config.data.data_dir={root / "data"}')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
-
-
 @pytest.mark.slow
-def test_forward_cli_logits_equal_an_independently_restored_model(trained, tmp_path):
+def test_forward_cli_logits_equal_an_independently_restored_model(trained_tiny_run, tmp_path):
     vocab = tiny_config().data.vocab_size
     ids_BT = np.random.default_rng(0).integers(0, vocab, (3, 17)).astype(np.int32)
     np.save(tmp_path / 'ids.npy', ids_BT)
     out = str(tmp_path / 'new_dir' / 'logits.npy')
-    proc = run_cli('forward', f'--workdir={trained}', f'--tokens={tmp_path / "ids.npy"}',
+    proc = run_cli('forward', f'--workdir={trained_tiny_run}', f'--tokens={tmp_path / "ids.npy"}',
                    f'--out={out}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
@@ -171,39 +161,39 @@ def test_forward_cli_logits_equal_an_independently_restored_model(trained, tmp_p
     logits_BTV = np.load(out)
     assert logits_BTV.dtype == np.float32 and logits_BTV.shape == (3, 17, vocab)
     # float32 rounding may differ with the rows each device gets (the CLI pads 3 rows to 8)
-    np.testing.assert_allclose(logits_BTV, reference_logits(trained, ids_BT),
+    np.testing.assert_allclose(logits_BTV, reference_logits(trained_tiny_run, ids_BT),
                                rtol=1e-5, atol=1e-5)
     assert os.listdir(tmp_path / 'new_dir') == ['logits.npy']  # no temporary file left
 
 
 @pytest.mark.slow
-def test_forward_cli_step_flag_and_one_dimensional_tokens(trained, tmp_path):
+def test_forward_cli_step_flag_and_one_dimensional_tokens(trained_tiny_run, tmp_path):
     ids_T = np.arange(5, 37, dtype=np.int64)  # [T] is one row; any integer dtype
     np.save(tmp_path / 'ids.npy', ids_T)
     out = str(tmp_path / 'logits.npy')
-    proc = run_cli('forward', f'--workdir={trained}', '--step=5',
+    proc = run_cli('forward', f'--workdir={trained_tiny_run}', '--step=5',
                    f'--tokens={tmp_path / "ids.npy"}', f'--out={out}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])['step'] == 5
-    at_5 = reference_logits(trained, ids_T[None], step=5)
+    at_5 = reference_logits(trained_tiny_run, ids_T[None], step=5)
     np.testing.assert_allclose(np.load(out), at_5, rtol=1e-5, atol=1e-5)
-    assert np.abs(at_5 - reference_logits(trained, ids_T[None])).max() > 1e-3  # 5 != 10
+    assert np.abs(at_5 - reference_logits(trained_tiny_run, ids_T[None])).max() > 1e-3  # 5 != 10
 
 
 @pytest.mark.slow
-def test_open_run_params_equal_the_full_restore_at_each_step(trained):
+def test_open_run_params_equal_the_full_restore_at_each_step(trained_tiny_run):
     for step in (None, 5):
-        _, state, saved_step = full_restore(trained, step)
-        run = saved_run.open_run(trained, step)
+        _, state, saved_step = full_restore(trained_tiny_run, step)
+        run = saved_run.open_run(trained_tiny_run, step)
         assert run.step == saved_step == (step or 10)
         assert_same_tree(run.params, state.params)
         assert_same_tree(run.extra, state.extra)
     with pytest.raises(ConfigError, match=r'--step.*saved steps: \[5, 10\]'):
-        saved_run.open_run(trained, 7)
+        saved_run.open_run(trained_tiny_run, 7)
 
 
 @pytest.mark.slow
-def test_open_run_never_reads_the_optimizer_state(trained, monkeypatch):
+def test_open_run_never_reads_the_optimizer_state(trained_tiny_run, monkeypatch):
     """Every array Orbax reads is recorded: the full restore reads opt_state (so the recording
     works), open_run reads params only. And since it reads none, a config whose optimizer has
     another state (adafactor for adamw) opens the run all the same."""
@@ -214,22 +204,22 @@ def test_open_run_never_reads_the_optimizer_state(trained, monkeypatch):
             read.extend(info.name for info in infos)
             return _original(self, infos, args)
         monkeypatch.setattr(handler, 'deserialize', recording)
-    full_restore(trained)
+    full_restore(trained_tiny_run)
     assert any('opt_state' in name for name in read)
     read.clear()
-    run = saved_run.open_run(trained)
+    run = saved_run.open_run(trained_tiny_run)
     assert read and any('params' in name for name in read)
     assert not [name for name in read if 'opt_state' in name]
     other = run.cfg.copy_and_resolve_references()
     other.opt.name = 'adafactor'
-    assert_same_tree(saved_run.open_run(trained, cfg=other).params, run.params)
+    assert_same_tree(saved_run.open_run(trained_tiny_run, cfg=other).params, run.params)
 
 
 @pytest.mark.slow
-def test_a_damaged_newest_checkpoint_falls_back_and_nothing_is_moved(trained, tmp_path,
+def test_a_damaged_newest_checkpoint_falls_back_and_nothing_is_moved(trained_tiny_run, tmp_path,
                                                                       capfd):
     workdir = str(tmp_path / 'copy')
-    shutil.copytree(trained, workdir)
+    shutil.copytree(trained_tiny_run, workdir)
     step_dir = os.path.join(workdir, 'checkpoints', '10')
     with open(os.path.join(step_dir, checkpoint_lib.DIGEST)) as f:
         victim = os.path.join(step_dir, max(json.load(f).items(), key=lambda kv: kv[1][0])[0])
@@ -284,26 +274,28 @@ def bad_tokens(tmp_path, case: str) -> str:
     ('too_long', f'exceed model.max_len={TINY.model.max_len}'),
     ('forged_header', 'declares [1, 1099511627776] int32 values'),
 ])
-def test_bad_tokens_are_one_line_naming_the_flag(trained, tmp_path, case, shown):
-    proc = run_cli('forward', f'--workdir={trained}', f'--tokens={bad_tokens(tmp_path, case)}',
-                   f'--out={tmp_path / "logits.npy"}', timeout=120)
+def test_bad_tokens_are_one_line_naming_the_flag(trained_tiny_run, tmp_path, case, shown):
+    proc = run_cli('forward', f'--workdir={trained_tiny_run}',
+                   f'--tokens={bad_tokens(tmp_path, case)}', f'--out={tmp_path / "logits.npy"}',
+                   timeout=120)
     assert_one_line(proc, '--tokens', shown)
     assert not os.path.exists(tmp_path / 'logits.npy')
 
 
 @pytest.mark.slow
-def test_bad_out_and_missing_flags_are_one_line(trained, tmp_path):
+def test_bad_out_and_missing_flags_are_one_line(trained_tiny_run, tmp_path):
     ids = str(tmp_path / 'ids.npy')
     np.save(ids, np.zeros((1, 4), np.int32))
     blocker = tmp_path / 'a_file'
     blocker.write_text('')  # a directory that cannot be made, whoever runs the test (root too)
-    proc = run_cli('forward', f'--workdir={trained}', f'--tokens={ids}',
+    proc = run_cli('forward', f'--workdir={trained_tiny_run}', f'--tokens={ids}',
                    f'--out={blocker / "logits.npy"}', timeout=120)
     assert_one_line(proc, '--out', 'cannot be written')
-    proc = run_cli('forward', f'--workdir={trained}', f'--tokens={ids}', f'--out={tmp_path}',
-                   timeout=120)
+    proc = run_cli('forward', f'--workdir={trained_tiny_run}', f'--tokens={ids}',
+                   f'--out={tmp_path}', timeout=120)
     assert_one_line(proc, '--out', 'is a directory')
-    proc = run_cli('forward', f'--workdir={trained}', f'--out={tmp_path / "x.npy"}', timeout=120)
+    proc = run_cli('forward', f'--workdir={trained_tiny_run}', f'--out={tmp_path / "x.npy"}',
+                   timeout=120)
     assert_one_line(proc, '--tokens', 'required')
     proc = run_cli('forward', f'--workdir={tmp_path}', f'--tokens={ids}', '--out=x.npy',
                    timeout=120)

@@ -1,8 +1,8 @@
-"""Scanned layers (model.scan_layers) and remat policies against the unrolled, remat-free model.
-
-The independent truth is the unrolled model with the same weights (converted between layouts):
-a scan, a remat policy or the stacked bias update must not change a loss, a gradient or a
-decoded logit.
+"""The Transformer (moejax/model/transformer.py) against independent truths: causality, segment
+isolation and finite padding rows; and scanned layers (model.scan_layers) and remat policies
+against the unrolled, remat-free model with the same weights (converted between layouts): a
+scan, a remat policy or the stacked bias update must not change a loss, a gradient or a decoded
+logit.
 """
 import json
 import os
@@ -13,14 +13,64 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib
-from moejax import validate
-from moejax.errors import ConfigError
 from moejax.model import transformer as model_lib
 from moejax.run import loop
 from moejax.run import step as step_lib
 from tests import decisions
 from tests.helpers import tiny_config
+
+
+def make_model(cfg, seed=0):
+    return model_lib.Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+
+def batch_of(ids_BT, segment_ids_BT=None):
+    ids = jnp.asarray(ids_BT, jnp.int32)
+    seg = jnp.ones_like(ids) if segment_ids_BT is None else jnp.asarray(segment_ids_BT, jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape).astype(jnp.int32)
+    return ids, seg, pos
+
+
+@pytest.mark.parametrize('router', ['top_k', 'expert_choice', 'soft'])
+def test_model_is_causal(router):
+    """Changing token t never changes the logits before t (expert choice excepted: below)."""
+    cfg = tiny_config(router=router, capacity_factor=8.0, eval_capacity_factor=8.0)
+    cfg.moe.group_size = 1 if router == 'expert_choice' else 0  # experts choose within a token
+    model = make_model(cfg)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.data.vocab_size, (2, 16))
+    logits, _ = model(*batch_of(ids))
+    changed = ids.copy()
+    changed[:, 9] = (changed[:, 9] + 7) % cfg.data.vocab_size
+    logits2, _ = model(*batch_of(changed))
+    np.testing.assert_allclose(logits[:, :9], logits2[:, :9], atol=1e-5)
+    assert not np.allclose(logits[:, 9:], logits2[:, 9:], atol=1e-3)
+
+
+def test_packed_documents_do_not_see_each_other():
+    """A row holding two documents gives the second one the logits it gets alone."""
+    cfg = tiny_config(capacity_factor=8.0, eval_capacity_factor=8.0)
+    model = make_model(cfg)
+    rng = np.random.default_rng(1)
+    doc_a, doc_b = rng.integers(3, 200, 6), rng.integers(3, 200, 10)
+    packed = np.concatenate([doc_a, doc_b])[None]
+    seg = np.array([[1] * 6 + [2] * 10])
+    pos = np.concatenate([np.arange(6), np.arange(10)])[None]
+    logits, _ = model(jnp.asarray(packed), jnp.asarray(seg), jnp.asarray(pos))
+    alone, _ = model(*batch_of(doc_b[None]))
+    np.testing.assert_allclose(logits[0, 6:], alone[0], atol=1e-5)
+
+
+def test_attention_padding_rows_are_finite():
+    cfg = tiny_config()
+    model = make_model(cfg)
+    ids, seg, pos = batch_of(np.full((1, 8), 5))
+    seg = seg.at[:, 5:].set(0)
+    logits, _ = model(ids, seg, pos)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+# ------------------------------------------------------------------- scanned layers, remat
 
 
 def models(cfg, seed=0):
@@ -143,20 +193,8 @@ def test_scanned_cached_decoding_equals_unrolled():
     np.testing.assert_allclose(out[1], out[0], atol=1e-5)
 
 
-def test_scan_needs_whole_periods():
-    cfg = tiny_config(num_layers=3, moe_every=2)
-    cfg.model.scan_layers = True
-    with pytest.raises(ConfigError, match='model.scan_layers'):
-        validate.check(cfg, 1)
-    cfg.model.scan_layers = None  # auto: too shallow and uneven, so unrolled
-    validate.check(cfg, 1)
-    assert not config_lib.scans_layers(cfg)
-    cfg.model.update(num_layers=8)
-    assert config_lib.scans_layers(cfg)
-
-
 @pytest.mark.slow
-def test_tiny_training_logs_the_same_losses_scanned_or_not(tmp_path):
+def test_tiny_training_logs_the_same_losses_scanned_or_not(data_dir, tmp_path):
     """configs/default.py:tiny trained both ways on 8 devices logs the same losses."""
     losses = {}
     for scan in (False, True):
@@ -164,6 +202,7 @@ def test_tiny_training_logs_the_same_losses_scanned_or_not(tmp_path):
         cfg.model.scan_layers = scan
         cfg.mesh.update(data=2, fsdp=2, expert=2)
         cfg.train.update(num_steps=4, log_every=1, eval_every=0, checkpoint_every=100)
+        cfg.data.data_dir = data_dir
         workdir = str(tmp_path / f'scan_{scan}')
         with decisions.record() as margins:
             loop.train_and_evaluate(cfg, workdir)
