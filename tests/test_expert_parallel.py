@@ -20,7 +20,7 @@ from moejax import config as config_lib
 from moejax import mesh as mesh_lib
 from moejax import validate
 from moejax.errors import ConfigError
-from moejax.moe import expert_parallel, experts
+from moejax.moe import dispatch, expert_parallel, experts
 from moejax.moe.routing import TokenChoice
 from moejax.run import state as state_lib
 from moejax.run import step as step_lib
@@ -219,7 +219,7 @@ def test_the_verdict_survives_router_noise_but_not_a_real_break():
     cfg = P.make_config({'data': 2, 'expert': 4}, comm='all_to_all', **BPR_DROPS)
     reference = P.one_device(**BPR_DROPS)
     assert_same_drops(P.run(cfg, ulps=8)[0], reference)
-    with mock.patch.object(D, '_token_order', lambda priority_GS: None):
+    with mock.patch.object(dispatch, '_token_order', lambda priority_GS: None):
         broken = P.run(cfg)[0]
     with pytest.raises(AssertionError):
         assert_same_drops(broken, reference)
