@@ -13,7 +13,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from moejax import usage, validate
+from moejax import usage
 from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -203,5 +203,6 @@ def check_early(cfg, workdir) -> None:
     import jax
 
     from moejax import config as config_lib
+    from moejax import validate  # imports the model and data stack: after the flags parse
     validate.check(cfg, jax.device_count())
     config_lib.check_workdir(workdir)
