@@ -11,6 +11,12 @@ import shutil
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The tests compile hundreds of tiny programs whose running takes milliseconds: LLVM's
+# optimisation passes are most of their compile time (a layout test: 31 -> 13 CPU seconds at
+# level 0). Every program of the session, and of every command it starts (they inherit
+# XLA_FLAGS), compiles the same way, so each comparison stays like for like.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)

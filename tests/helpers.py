@@ -54,10 +54,11 @@ def route(logits, *, k, mask=None, **conv):
 
 
 def cli_env(cache_dir=None) -> dict:
-    """A command's environment: 8 CPU devices, unbuffered output, and (cache_dir) a persistent
-    XLA cache that keeps even the smallest program."""
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    """A command's environment: 8 CPU devices (beside the session's XLA_FLAGS, conftest.py),
+    unbuffered output, and (cache_dir) a persistent XLA cache that keeps even the smallest
+    program."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS=flags.strip())
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',

@@ -29,7 +29,9 @@ def test_recipe_sizes(recipe, params, active):
 
 def plan_via_cli(*args, timeout=900):
     """Run launch/train.py --dry_run in a fresh process; (JSON result, its peak RSS in bytes)."""
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+             if not f.startswith('--xla_force_host_platform_device_count')]
+    env = dict(os.environ, XLA_FLAGS=' '.join(flags))  # the command simulates its own devices
     cmd = [sys.executable, os.path.join(REPO, 'launch', 'train.py'), '--dry_run', *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PLATFORMS='cpu'),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -27,7 +27,7 @@ from moejax.readers import evaluation, saved_run
 from moejax.run import loop
 from moejax.run import workdir as workdir_lib
 from tests import decisions
-from tests.helpers import REPO, mounted_tmpfs, run_cli, tiny_config
+from tests.helpers import REPO, cli_env, mounted_tmpfs, run_cli, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf')
 FAMILIES = ('mixtral', 'qwen2_moe', 'qwen3_moe')
@@ -426,11 +426,6 @@ def test_a_model_without_a_tokenizer_exports_and_evaluates_token_ids(tmp_path, d
 
 def convert_command(*args) -> list[str]:
     return [sys.executable, os.path.join(REPO, 'launch', 'convert.py'), *args]
-
-
-def cli_env() -> dict:
-    return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-                XLA_FLAGS='--xla_force_host_platform_device_count=8')
 
 
 def _limit_file_size():

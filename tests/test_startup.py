@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, assert_usage_error, timed
+from tests.helpers import REPO, assert_usage_error, cli_env, timed
 
 TINY = '--config=configs/default.py:tiny'
 
@@ -45,8 +45,7 @@ BAD = [
 
 def run_train(args, workdir, data_dir):
     """launch/train.py with its workdir and data_dir; returns (CompletedProcess, seconds)."""
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    env = cli_env()
     cmd = [sys.executable, os.path.join(REPO, 'launch', 'train.py'), f'--workdir={workdir}',
            *args]
     if any(a.startswith('--config=') for a in args):

@@ -18,13 +18,19 @@ def token_nll(logits_BTV, targets_BT):
     return logz_BT - gold_BT
 
 
+def nll_sum(logits_BTV, labels_BT, segment_ids_BT):
+    """The labels' NLL summed over real tokens (segment id > 0)."""
+    weights_BT = (segment_ids_BT > 0).astype(jnp.float32)
+    return jnp.sum(token_nll(logits_BTV, labels_BT) * weights_BT)
+
+
 def eval_step(graphdef, params, extra, batch, byte_lengths_V):
     """Sums over one batch: nll, real tokens, their UTF-8 bytes, and routed load per layer."""
     model = nnx.merge(graphdef, params, extra)
     logits, stats = model(batch['inputs'], batch['segment_ids'], batch['positions'], train=False)
     weights = (batch['segment_ids'] > 0).astype(jnp.float32)
     sums = {
-        'nll': jnp.sum(token_nll(logits, batch['targets']) * weights),
+        'nll': nll_sum(logits, batch['targets'], batch['segment_ids']),
         'tokens': jnp.sum(weights),
         'bytes': jnp.sum(byte_lengths_V[batch['targets']] * weights),
     }

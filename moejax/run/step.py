@@ -20,8 +20,7 @@ from moejax.run.state import Setup, TrainState
 
 def loss_parts(logits_BTV, batch, stats, num_tokens) -> dict:
     """Token-summed NLL / num_tokens, and the balance and z losses summed over MoE layers."""
-    weights_BT = (batch['segment_ids'] > 0).astype(jnp.float32)
-    nll = jnp.sum(evaluate_lib.token_nll(logits_BTV, batch['targets']) * weights_BT)
+    nll = evaluate_lib.nll_sum(logits_BTV, batch['targets'], batch['segment_ids'])
     aux = jnp.sum(stats['aux_loss']) if stats else 0.0
     z = jnp.sum(stats['z_loss']) if stats else 0.0
     parts = {'ce_loss': nll / num_tokens, 'aux_loss': aux, 'z_loss': z}
@@ -35,8 +34,7 @@ def mtp_parts(heads, num_tokens, weight: float) -> dict:
     batch's tokens (DeepSeek-V3 eq. 24's 1/T), and mtp_loss = weight / D x their sum (eq. 25)."""
     parts = {}
     for k, (logits_BTV, labels_BT, segment_ids_BT) in enumerate(heads, start=1):
-        weights_BT = (segment_ids_BT > 0).astype(jnp.float32)
-        nll = jnp.sum(evaluate_lib.token_nll(logits_BTV, labels_BT) * weights_BT)
+        nll = evaluate_lib.nll_sum(logits_BTV, labels_BT, segment_ids_BT)
         parts[f'mtp_loss_{k}'] = nll / num_tokens
     parts['mtp_loss'] = weight / len(heads) * sum(parts[f'mtp_loss_{k}']
                                                   for k in range(1, len(heads) + 1))
