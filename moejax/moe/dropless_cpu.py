@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.grouped import _block_loops, _expert_loop, _mm_t, _put, _rows, _t_mm, _vary_alike
+from moejax.moe import grouped
 
 
 def blocked_dropless_ffn(x_TD, token_P, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD,
@@ -31,7 +31,7 @@ def blocked_dropless_ffn(x_TD, token_P, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD,
     """
     blocks = tuple(b for b in blocks[:-1] if b <= token_P.shape[0]) + tuple(blocks[-1:])
     if jax.sharding.get_abstract_mesh().manual_axes:
-        x_TD, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD = _vary_alike(
+        x_TD, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD = grouped.vary_alike(
             x_TD, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD)
     return _ffn(x_TD, token_P, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks,
                 activate)
@@ -67,18 +67,19 @@ def _forward(x_TD, token_P, gate_P, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes
 
         def block_fn(r, b, carry):
             y, h, g = carry
-            x_bD = _rows(x_PD, r, b)
+            x_bD = grouped.slice_rows(x_PD, r, b)
             h_bF = x_bD @ w_in
             g_bF = x_bD @ w_gate if gated else None
             y_bD = (activate(h_bF, g_bF) @ w_out).astype(jnp.float32)
-            y = y.at[_rows(token_P, r, b)].add(y_bD * _rows(gate_P, r, b)[:, None])
+            gate_b1 = grouped.slice_rows(gate_P, r, b)[:, None]
+            y = y.at[grouped.slice_rows(token_P, r, b)].add(y_bD * gate_b1)
             if save:
-                h, g = _put(h, h_bF, r), _put(g, g_bF, r) if gated else None
+                h, g = grouped.put_rows(h, h_bF, r), grouped.put_rows(g, g_bF, r) if gated else None
             return y, h, g
-        return _block_loops(row, size, blocks, block_fn, carry)
+        return grouped.block_loops(row, size, blocks, block_fn, carry)
     hidden = lambda keep: jnp.zeros((p, f), x_TD.dtype) if keep else None
     init = (jnp.zeros(x_TD.shape, jnp.float32), hidden(save), hidden(save and gated))
-    y, h, g = _expert_loop(group_sizes_E, expert_fn, init)
+    y, h, g = grouped.expert_loop(group_sizes_E, expert_fn, init)
     return y.astype(x_TD.dtype), ((x_PD, h, g) if save else None)
 
 
@@ -99,22 +100,23 @@ def _ffn_bwd(blocks, activate, res, dy_TD):
 
         def block_fn(r, b, carry):
             dx, dgate, a_in, a_gate, a_out = carry
-            gate_b1 = _rows(gate_P, r, b)[:, None]
-            x_bD, dy_bD = _rows(x_PD, r, b), _rows(dy_PD, r, b)
-            h_bF = _rows(h_PF, r, b)
-            g_bF = _rows(g_PF, r, b) if gated else None
+            gate_b1 = grouped.slice_rows(gate_P, r, b)[:, None]
+            x_bD, dy_bD = grouped.slice_rows(x_PD, r, b), grouped.slice_rows(dy_PD, r, b)
+            h_bF = grouped.slice_rows(h_PF, r, b)
+            g_bF = grouped.slice_rows(g_PF, r, b) if gated else None
             act_bF, act_vjp = jax.vjp(activate, h_bF, g_bF)
-            dact_bF = _mm_t(dy_bD, w_out)  # before the gate: its product with act is dgate
-            dgate = _put(dgate, jnp.sum((dact_bF * act_bF).astype(jnp.float32), axis=-1), r)
+            dact_bF = grouped.mm_t(dy_bD, w_out)  # before the gate: its product with act is dgate
+            dgate_b = jnp.sum((dact_bF * act_bF).astype(jnp.float32), axis=-1)
+            dgate = grouped.put_rows(dgate, dgate_b, r)
             dh_bF, dg_bF = act_vjp((dact_bF * gate_b1).astype(dact_bF.dtype))
-            dx_bD = _mm_t(dh_bF, w_in)
+            dx_bD = grouped.mm_t(dh_bF, w_in)
             if gated:
-                dx_bD = dx_bD + _mm_t(dg_bF, w_gate)
-                a_gate = a_gate + _t_mm(x_bD, dg_bF)
-            dx = dx.at[_rows(token_P, r, b)].add(dx_bD.astype(jnp.float32))
-            a_out = a_out + _t_mm(act_bF, (dy_bD * gate_b1).astype(dy_bD.dtype))
-            return dx, dgate, a_in + _t_mm(x_bD, dh_bF), a_gate, a_out
-        dx, dgate, a_in, a_gate, a_out = _block_loops(
+                dx_bD = dx_bD + grouped.mm_t(dg_bF, w_gate)
+                a_gate = a_gate + grouped.t_mm(x_bD, dg_bF)
+            dx = dx.at[grouped.slice_rows(token_P, r, b)].add(dx_bD.astype(jnp.float32))
+            a_out = a_out + grouped.t_mm(act_bF, (dy_bD * gate_b1).astype(dy_bD.dtype))
+            return dx, dgate, a_in + grouped.t_mm(x_bD, dh_bF), a_gate, a_out
+        dx, dgate, a_in, a_gate, a_out = grouped.block_loops(
             row, size, blocks, block_fn,
             (dx, dgate, acc0(w_in_EDF), acc0(w_gate_EDF), acc0(w_out_EFD)))
         put_e = lambda dw, a: None if dw is None else jax.lax.dynamic_update_index_in_dim(
@@ -123,7 +125,7 @@ def _ffn_bwd(blocks, activate, res, dy_TD):
     like = lambda w: None if w is None else jnp.zeros_like(w)
     init = (jnp.zeros(x_TD.shape, jnp.float32), jnp.zeros(gate_P.shape, jnp.float32),
             like(w_in_EDF), like(w_gate_EDF), like(w_out_EFD))
-    dx, dgate, dw_in, dw_gate, dw_out = _expert_loop(group_sizes_E, expert_fn, init)
+    dx, dgate, dw_in, dw_gate, dw_out = grouped.expert_loop(group_sizes_E, expert_fn, init)
     return (dx.astype(x_TD.dtype), None, dgate.astype(gate_P.dtype), dw_in, dw_gate, dw_out,
             None)
 
