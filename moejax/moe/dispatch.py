@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax import sharding
+from moejax.moe import dropless_cpu, grouped
 from moejax.moe import experts as experts_lib
-from moejax.moe import grouped
 from moejax.moe.routing import ExpertChoice, Routing, Soft, TokenChoice
 
 ENGINES = ('einsum', 'sort', 'dropless')
@@ -204,6 +204,8 @@ def _dropless_token_choice(x_GSD, mask_GS, routing: TokenChoice, w, num_experts,
 
     Tokens reach the layout rows and results return to their pairs by gathers (with gathers as
     gradients); the grouped matmul does each real pair's work once, plus block padding on CPU.
+    On CPU ('blocks') the block loops also do the return and the weighted sum themselves
+    (moejax.moe.dropless_cpu: fewer [rows, D] buffers).
     """
     g, s, k = routing.expert_GSK.shape
     d = x_GSD.shape[-1]
@@ -211,6 +213,8 @@ def _dropless_token_choice(x_GSD, mask_GS, routing: TokenChoice, w, num_experts,
     blocks = experts_lib.layout_blocks(backend)
     lay = grouped.sorted_layout(routing.expert_GSK.reshape(-1), valid_NK.reshape(-1),
                                 num_experts, blocks[-1] if blocks else 1)
+    if blocks:
+        return _dropless_blocks(x_GSD, routing.gate_GSK, valid_NK, lay, w, blocks)
     x_PD = grouped.gather_rows(x_GSD.reshape(g * s, d), lay.pair_P // k, lay.filled_P,
                                lay.row_N.reshape(g * s, k), valid_NK)
     y_PD = experts_lib.grouped_ffn(w, x_PD, lay.group_sizes_E, backend)
@@ -219,6 +223,21 @@ def _dropless_token_choice(x_GSD, mask_GS, routing: TokenChoice, w, num_experts,
     weight_NK = (routing.gate_GSK.reshape(g * s, k) * valid_NK).astype(x_GSD.dtype)
     y_ND = jnp.einsum('nk,nkd->nd', weight_NK, y_AD.reshape(g * s, k, d))
     return y_ND.reshape(g, s, d), jnp.zeros((), jnp.float32)
+
+
+def _dropless_blocks(x_GSD, gate_GSK, valid_NK, lay: grouped.Layout, w, blocks):
+    """The dropless engine on the CPU block loops: rows gathered from the tokens by the layout,
+    outputs scatter-added back with their gates (padding rows: gate 0, token 0)."""
+    g, s, k = gate_GSK.shape
+    dt = x_GSD.dtype
+    gate_N = (gate_GSK.reshape(-1) * valid_NK.reshape(-1)).astype(dt)
+    gate_P = jnp.where(lay.filled_P, gate_N[lay.pair_P], 0)
+    token_P = jnp.where(lay.filled_P, lay.pair_P // k, 0)
+    w_gate = None if w.w_gate_EDF is None else w.w_gate_EDF.astype(dt)
+    y_ND = dropless_cpu.blocked_dropless_ffn(
+        x_GSD.reshape(g * s, -1), token_P, gate_P, w.w_in_EDF.astype(dt), w_gate,
+        w.w_out_EFD.astype(dt), lay.group_sizes_E, blocks, experts_lib.activate)
+    return y_ND.reshape(x_GSD.shape), jnp.zeros((), jnp.float32)
 
 
 def _expert_choice(x_GSD, mask_GS, routing: ExpertChoice, w, engine, experts):

@@ -136,19 +136,19 @@ def blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, ac
     """
     blocks = tuple(b for b in blocks[:-1] if b <= x_MD.shape[0]) + tuple(blocks[-1:])
     if jax.sharding.get_abstract_mesh().manual_axes:
-        x_MD, w_in_EDF, w_gate_EDF, w_out_EFD = _vary_alike(x_MD, w_in_EDF, w_gate_EDF,
+        x_MD, w_in_EDF, w_gate_EDF, w_out_EFD = vary_alike(x_MD, w_in_EDF, w_gate_EDF,
                                                             w_out_EFD)
     return _blocked_ffn(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, activate)
 
 
-def _expert_loop(group_sizes_E, expert_fn, carry):
+def expert_loop(group_sizes_E, expert_fn, carry):
     """carry = expert_fn(e, row_e, size_e, carry) for e = 0..E-1 (row_e: the group's start)."""
     start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
     body = lambda e, c: expert_fn(e, start_E[e], group_sizes_E[e], c)
     return jax.lax.fori_loop(0, group_sizes_E.shape[0], body, carry)
 
 
-def _block_loops(row, size, blocks, block_fn, carry):
+def block_loops(row, size, blocks, block_fn, carry):
     """carry = block_fn(block_row, block_size, carry) over one group [row, row + size): as many
     blocks of blocks[0] rows as fit, then of blocks[1], ... (size is a multiple of blocks[-1])."""
     for b in blocks:
@@ -159,20 +159,20 @@ def _block_loops(row, size, blocks, block_fn, carry):
     return carry
 
 
-def _rows(a, row, b):
+def slice_rows(a, row, b):
     return jax.lax.dynamic_slice_in_dim(a, row, b)
 
 
-def _put(a, rows, row):
+def put_rows(a, rows, row):
     return jax.lax.dynamic_update_slice_in_dim(a, rows.astype(a.dtype), row, 0)
 
 
-def _mm_t(a, b):
+def mm_t(a, b):
     """a @ b.T without materialising the transpose."""
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
 
 
-def _vary_alike(*arrays):
+def vary_alike(*arrays):
     """The arrays, each typed to vary over the union of the mesh axes they vary over (inside
     shard_map): loop carries and custom_vjp cotangents must keep one type, and a block's
     result varies over both the tokens' axes and the weights' axes. Adding a zero does it on
@@ -181,7 +181,7 @@ def _vary_alike(*arrays):
     return tuple(None if a is None else a + zero.astype(a.dtype) for a in arrays)
 
 
-def _t_mm(a, b):
+def t_mm(a, b):
     """a.T @ b, accumulated in float32."""
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
@@ -214,16 +214,16 @@ def _ffn_loops(x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, blocks, act
 
         def block_fn(r, b, carry):
             y, h, g = carry
-            x_bD = _rows(x_MD, r, b)
+            x_bD = slice_rows(x_MD, r, b)
             h_bF = x_bD @ w_in
             g_bF = x_bD @ w_gate if gated else None
-            y = _put(y, activate(h_bF, g_bF) @ w_out, r)
+            y = put_rows(y, activate(h_bF, g_bF) @ w_out, r)
             if save:
-                h, g = _put(h, h_bF, r), _put(g, g_bF, r) if gated else None
+                h, g = put_rows(h, h_bF, r), put_rows(g, g_bF, r) if gated else None
             return y, h, g
-        return _block_loops(row, size, blocks, block_fn, carry)
+        return block_loops(row, size, blocks, block_fn, carry)
     init = (zeros(x_MD.shape[1]), zeros(f, save), zeros(f, save and gated))
-    return _expert_loop(group_sizes_E, expert_fn, init)
+    return expert_loop(group_sizes_E, expert_fn, init)
 
 
 def _blocked_ffn_bwd(blocks, activate, res, dy_MD):
@@ -240,25 +240,25 @@ def _blocked_ffn_bwd(blocks, activate, res, dy_MD):
 
         def block_fn(r, b, carry):
             dx, a_in, a_gate, a_out = carry
-            x_bD, dy_bD = _rows(x_MD, r, b), _rows(dy_MD, r, b)
-            h_bF = _rows(h_MF, r, b)
-            g_bF = _rows(g_MF, r, b) if gated else None
+            x_bD, dy_bD = slice_rows(x_MD, r, b), slice_rows(dy_MD, r, b)
+            h_bF = slice_rows(h_MF, r, b)
+            g_bF = slice_rows(g_MF, r, b) if gated else None
             act_bF, act_vjp = jax.vjp(activate, h_bF, g_bF)
-            dh_bF, dg_bF = act_vjp(_mm_t(dy_bD, w_out))
-            dx_bD = _mm_t(dh_bF, w_in)
+            dh_bF, dg_bF = act_vjp(mm_t(dy_bD, w_out))
+            dx_bD = mm_t(dh_bF, w_in)
             if gated:
-                dx_bD = dx_bD + _mm_t(dg_bF, w_gate)
-                a_gate = a_gate + _t_mm(x_bD, dg_bF)
-            return (_put(dx, dx_bD, r), a_in + _t_mm(x_bD, dh_bF), a_gate,
-                    a_out + _t_mm(act_bF, dy_bD))
-        dx, a_in, a_gate, a_out = _block_loops(
+                dx_bD = dx_bD + mm_t(dg_bF, w_gate)
+                a_gate = a_gate + t_mm(x_bD, dg_bF)
+            return (put_rows(dx, dx_bD, r), a_in + t_mm(x_bD, dh_bF), a_gate,
+                    a_out + t_mm(act_bF, dy_bD))
+        dx, a_in, a_gate, a_out = block_loops(
             row, size, blocks, block_fn, (dx, acc0(w_in_EDF), acc0(w_gate_EDF), acc0(w_out_EFD)))
         put_e = lambda dw, a: None if dw is None else jax.lax.dynamic_update_index_in_dim(
             dw, a.astype(dw.dtype), e, 0)
         return dx, put_e(dw_in, a_in), put_e(dw_gate, a_gate), put_e(dw_out, a_out)
     like = lambda w: None if w is None else jnp.zeros_like(w)
     init = (like(x_MD), like(w_in_EDF), like(w_gate_EDF), like(w_out_EFD))
-    dx, dw_in, dw_gate, dw_out = _expert_loop(group_sizes_E, expert_fn, init)
+    dx, dw_in, dw_gate, dw_out = expert_loop(group_sizes_E, expert_fn, init)
     return dx, dw_in, dw_gate, dw_out, None
 
 
