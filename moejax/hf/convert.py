@@ -81,7 +81,8 @@ def import_hf(hf_dir: str, workdir: str, base_cfg, fp8_dtype: str = 'float32') -
         deepseek.check_counts(hf, tensors.names(), hf_dir)
         cfg = deepseek.to_moejax(hf, hf_dir, base_cfg, tensors.names())
         tensors = deepseek.Tensors(tensors, hf, cfg, fp8_dtype)
-        all_leaves, extra_leaves = deepseek.leaves(cfg), deepseek.bias_leaves(cfg)
+        all_leaves = hf_weights.model_layout(deepseek.leaves(cfg), cfg)
+        extra_leaves = hf_weights.model_layout(deepseek.bias_leaves(cfg), cfg)
     else:
         hf_config.check_counts(hf, tensors.names(), hf_dir)
         cfg = hf_config.to_moejax(hf, hf_dir, base_cfg)
