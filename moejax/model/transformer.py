@@ -255,8 +255,8 @@ class Transformer(nnx.Module):
         one = nnx.merge(graphdef, jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state))
         n = self.num_periods()
-        return empty(self.prefix_blocks()) + [
-            jax.tree.map(lambda c: jnp.zeros((n,) + c.shape, c.dtype), c) for c in empty(one.blocks)]
+        stacked = lambda c: jnp.zeros((n,) + c.shape, c.dtype)
+        return empty(self.prefix_blocks()) + [jax.tree.map(stacked, c) for c in empty(one.blocks)]
 
     def extend(self, inputs_BT, cache: list[layers.KVCache], start):
         """Logits [B, T, V] of T new tokens at positions start.. (one document per row, no
