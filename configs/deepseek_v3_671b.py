@@ -8,9 +8,10 @@ through a 1536 rank, keys/values from a 512-channel latent, 128 no-rotary + 64 r
 channels, 128 value channels; YaRN to 128K (factor 40 over 4096, beta 32/1, mscale 1/1). One
 multi-token prediction module (weight 0.3). Vocabulary 129280, sequences of 4096.
 Layout for 256 chips: experts over 64 (4 per chip, DeepSeek-V3's EP64), everything else
-fully sharded over fsdp 4, each block rematerialised; layers unrolled (the 3 dense layers
-break scanning's identical periods). Import the published weights with
-`python launch/convert.py --from_hf=DeepSeek-V3 --workdir=DIR` (FP8 dequantised).
+fully sharded over fsdp 4, each block rematerialised; the 3 dense layers unrolled, the 58 MoE
+layers scanned (one compiled period). Import the published weights with
+`python launch/convert.py --from_hf=DeepSeek-V3 --workdir=DIR --config=configs/deepseek_v3_671b.py`
+(FP8 dequantised). The plan's memory per device: docs/deepseek_v3.md (Recipes).
 COMMAND: python launch/train.py --config=configs/deepseek_v3_671b.py --workdir=DIR
 PLAN:    python launch/train.py --config=configs/deepseek_v3_671b.py --dry_run \
              --simulated_devices=256
@@ -27,7 +28,7 @@ def get_config(arg: str | None = None):
                      qk_rope_head_dim=64, v_head_dim=128, rope_scaling='yarn', rope_factor=40.0,
                      rope_original_max_len=4096, rope_beta_fast=32.0, rope_beta_slow=1.0,
                      rope_mscale=1.0, rope_mscale_all_dim=1.0, mtp_depth=1,
-                     mtp_loss_weight=0.3, remat='block', scan_layers=False)
+                     mtp_loss_weight=0.3, remat='block', scan_layers=True)
     cfg.moe.update(num_experts=256, top_k=8, expert_d_ff=2048, num_shared_experts=1,
                    dispatch='dropless', comm='auto', ep_buffer_factor=1.25, score_fn='sigmoid',
                    gate_norm='renorm', routed_scaling_factor=2.5, num_expert_groups=8,

@@ -34,8 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.rope_base = 10_000.0    # rotary embedding base frequency
     m.remat = 'none'          # 'block': recompute each block in the backward pass (less memory);
                               # 'minimal': also keep weight-matmul outputs (less recompute)
-    # One compiled block scanned over the layers (compile time independent of depth): True |
-    # False | None = scan when num_layers >= 8. The saved parameter trees differ between the two.
+    # One compiled period scanned over the layers (compile time independent of depth): True |
+    # False | None = scan when num_layers >= 8 and no dense_layers. True keeps dense_layers that
+    # are the first k layers (DeepSeek) unrolled before the scan. The saved parameter trees differ.
     m.scan_layers = ml_collections.FieldReference(None, field_type=bool)
     m.attention = 'auto'      # 'auto' | 'xla' | 'chunked' (O(T*block) memory) | 'flash' (GPU/TPU)
     m.attention_block = 128   # 'chunked': queries/keys per block (memory O(T * block))

@@ -55,6 +55,21 @@ def scan_period(cfg) -> int:
     return cfg.model.moe_every or 1
 
 
+def scan_prefix(cfg) -> int:
+    """Leading layers a scanned model keeps unrolled before its periods: model.dense_layers
+    when they are exactly the first k layers (DeepSeek's first_k_dense_replace; MaxText unrolls
+    them too), else 0 (validate refuses other dense layers with scanning)."""
+    dense = sorted(dense_layers(cfg))
+    return len(dense) if dense == list(range(len(dense))) else 0
+
+
+def scan_layout(cfg) -> tuple[int, int, int]:
+    """(prefix, period, periods) of a scanned model: layer prefix + p * period + j is block j
+    of stacked period p; layers 0..prefix-1 stay unrolled."""
+    prefix, period = scan_prefix(cfg), scan_period(cfg)
+    return prefix, period, (cfg.model.num_layers - prefix) // period
+
+
 def scans_layers(cfg) -> bool:
     """model.scan_layers resolved: None (auto) scans models of >= SCAN_MIN_LAYERS layers whose
     layers split into whole periods; configs from before the key existed are unrolled."""

@@ -6,6 +6,7 @@ configs/default.py only; the values that reproduce old runs in config.ADDED_KEYS
 """
 import importlib.util
 
+from moejax import config as config_lib
 from moejax import optim
 from moejax.config import dense_layers, expert_d_ff, get, is_int, is_number, mesh_shape, shared_d_ff
 from moejax.config import require as _require
@@ -181,18 +182,25 @@ def _check_router_conventions(cfg):
 
 
 def _check_scan(cfg):
-    """model.scan_layers: None (auto) or a bool; scanning needs whole periods of layers."""
+    """model.scan_layers: None (auto) or a bool; scanning needs whole periods of layers after
+    the dense prefix it keeps unrolled (model.dense_layers = the first k layers, or none)."""
     m = cfg.model
     scan = get(cfg, 'model.scan_layers')
     _require(scan in (None, True, False), 'model.scan_layers', scan,
              'allowed: None (scan when num_layers >= 8), True, False')
-    period = m.moe_every or 1
-    _require(scan is not True or m.num_layers % period == 0, 'model.scan_layers', scan,
-             f'scanning needs model.num_layers={m.num_layers} to divide by model.moe_every='
-             f'{m.moe_every} (one period of layers is scanned); or set it False')
-    _require(scan is not True or not dense_layers(cfg), 'model.scan_layers', scan,
-             f'scanning needs identical periods of layers, which model.dense_layers='
-             f'{list(dense_layers(cfg))} breaks; set it False (or None)')
+    if scan is not True:
+        return
+    dense, (first, period, _) = list(dense_layers(cfg)), config_lib.scan_layout(cfg)
+    _require(len(dense) == first, 'model.scan_layers', scan,
+             f'scanning needs identical periods of layers, which model.dense_layers={dense} '
+             'breaks (only the first k layers, [0, ..., k-1], may be dense: they stay '
+             'unrolled); set it False (or None)')
+    rest = m.num_layers - first
+    layers = (f'model.num_layers={m.num_layers}' if not first else f'the {first} unrolled dense '
+              f'layers and the {rest} after them (model.num_layers={m.num_layers})')
+    _require(rest >= period and rest % period == 0 and first % period == 0, 'model.scan_layers',
+             scan, f'scanning needs {layers} to divide by model.moe_every={m.moe_every} (one '
+             'period of layers is scanned); or set it False')
 
 
 def _check_kinds(cfg):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from configs import mixtral_8x7b, switch_base_8, switch_base_128
+from configs import deepseek_v3_671b, mixtral_8x7b, switch_base_8, switch_base_128
 from moejax.model import transformer as model_lib
 from tests.helpers import REPO
 
@@ -70,3 +70,17 @@ def test_mixtral_dry_run_on_64_simulated_devices():
     import resource
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert peak < expected, f'peak RSS {peak / 2**30:.1f} GiB'
+
+
+@pytest.mark.slow
+def test_deepseek_v3_dry_run_scans_after_its_dense_layers():
+    """The 671B recipe at full width on 256 devices, 5 of its layers: the 3 dense ones unrolled,
+    2 MoE layers scanned (the full 61 compile the same way: docs/deepseek_v3.md)."""
+    layers = 5
+    result = plan_via_cli('--config=configs/deepseek_v3_671b.py', '--simulated_devices=256',
+                          f'--config.model.num_layers={layers}')
+    cfg = deepseek_v3_671b.get_config()
+    cfg.model.num_layers = layers
+    assert result['params'] == result['params_counted'] == model_lib.param_counts(cfg)['params']
+    assert result['devices'] == 256 and result['temp_bytes_per_device'] > 0
+    assert 0 <= result['opt_state_bytes_per_device'] - 2 * result['params_bytes_per_device'] <= 64

@@ -98,6 +98,16 @@ def test_import_straight_into_an_expert_and_fsdp_sharded_mesh(tmp_path, data_dir
     assert_close(saved_run.forward_logits(run, ids_BT), reference_BTV)
 
 
+def test_a_dense_layer_after_moe_ones_cannot_be_scanned(tmp_path, data_dir):
+    """Qwen2-MoE's mlp_only_layers=[1] is no dense prefix: a scanned base is refused in one
+    line before anything is written (only the first k layers may stay unrolled)."""
+    base = base_config(data_dir)
+    base.model.scan_layers = True
+    with pytest.raises(ConfigError, match=r'model.dense_layers=\[1\] breaks'):
+        convert.import_hf(fixture('qwen2_moe'), str(tmp_path / 'w'), base)
+    assert not os.path.exists(tmp_path / 'w')
+
+
 def test_forward_command_on_an_import(imported, tmp_path):
     ids_BT, reference_BTV = recorded('qwen3_moe')
     np.save(tmp_path / 'ids.npy', ids_BT)

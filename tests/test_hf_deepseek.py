@@ -44,6 +44,27 @@ def test_import_gives_transformers_logits(imported):
     m = run.cfg.model
     assert (m.attention_kind, m.mtp_depth, list(m.dense_layers)) == ('mla', 1, [0])
     assert m.rope_scaling == 'yarn' and run.cfg.moe.balance == 'bias'
+    assert not run.model.scan  # the base's scan_layers=None (auto): unrolled, as imports were
+
+
+def test_import_into_a_scanned_config_gives_transformers_logits_and_exports_back(tmp_path,
+                                                                                 data_dir):
+    """A base with model.scan_layers=True: the dense layer 0 stays unrolled before the stacked
+    MoE layers 1-2 (selection biases included); transformers' logits, and every tensor back."""
+    base = base_config(data_dir)
+    base.model.scan_layers = True
+    workdir = convert.import_hf(os.path.join(HERE, 'single'), str(tmp_path / 'w'),
+                                base)['workdir']
+    ids_BT, reference_BTV = recorded()
+    run, logits = logits_of(workdir, ids_BT)
+    assert len(run.model.prefix_blocks()) == 1 and run.model.num_periods() == 2
+    assert_close(logits, reference_BTV)
+    out = str(tmp_path / 'hf')
+    convert.export_hf(workdir, out)
+    exported, original = hf_tensors(out), hf_tensors(os.path.join(HERE, 'single'))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
 
 
 @pytest.mark.parametrize('fp8_dtype,logits', [('float32', 'logits_fp8.npy'),

@@ -14,10 +14,13 @@ import pytest
 from flax import nnx
 
 from moejax.model import transformer as model_lib
+from moejax.readers import sampling
 from moejax.run import loop
 from moejax.run import step as step_lib
 from tests import decisions
 from tests.helpers import tiny_config
+from tests.layouts import assert_same_training, make_config, run
+from tests.test_mla import MLA_KEYS
 
 
 def make_model(cfg, seed=0):
@@ -107,14 +110,22 @@ def batch(cfg, seed=1):
 
 
 def loss_and_grads(model, cfg, data):
-    """The training objective (CE + weighted aux and z losses) and its parameter gradients."""
+    """The training objective (CE + weighted aux and z losses, + the MTP loss with
+    model.mtp_depth) and its parameter gradients."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    args = data['inputs'], data['segment_ids'], data['positions']
 
     def loss_fn(params):
         m = nnx.merge(graphdef, params, rest)
-        logits, stats = m(data['inputs'], data['segment_ids'], data['positions'], train=True,
-                          rng=jax.random.key(5))
-        parts = step_lib.loss_parts(logits, data, stats, jnp.sum(data['segment_ids'] > 0))
+        tokens = jnp.sum(data['segment_ids'] > 0)
+        if cfg.model.mtp_depth:
+            logits, stats, heads = m.forward_with_mtp(*args, data['targets'], train=True,
+                                                      rng=jax.random.key(5))
+            mtp = step_lib.mtp_parts(heads, tokens, cfg.model.mtp_loss_weight)
+        else:
+            logits, stats = m(*args, train=True, rng=jax.random.key(5))
+            mtp = {}
+        parts = dict(step_lib.loss_parts(logits, data, stats, tokens), **mtp)
         return step_lib.total_loss(parts, cfg.moe), stats
     (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     return loss, stats, grads.to_pure_dict()
@@ -176,9 +187,14 @@ def test_stacked_bias_update_equals_per_layer_update():
     assert not np.allclose(bias_u[0], bias_u[1])
 
 
-def test_scanned_cached_decoding_equals_unrolled():
-    """Prefill then one-token steps with the KV cache: the same logits in both layouts."""
-    cfg = tiny_config(num_layers=4, moe_every=2, dispatch='dropless')
+@pytest.mark.parametrize('dense_layers,attention', [([], 'mha'), ([0], 'mha'), ([0, 1], 'mla')])
+def test_scanned_cached_decoding_equals_unrolled(dense_layers, attention):
+    """Prefill then one-token steps with the KV cache: the same logits in both layouts (a dense
+    prefix's blocks keep their own caches before the stacked ones)."""
+    cfg = tiny_config(num_layers=4, moe_every=1 if dense_layers else 2, dispatch='dropless',
+                      dense_layers=dense_layers)
+    if attention == 'mla':
+        cfg.model.update(**MLA_KEYS)
     unrolled, scanned = models(cfg)
     ids_BT = jax.random.randint(jax.random.key(2), (2, 8), 3, cfg.data.vocab_size)
     out = []
@@ -212,3 +228,101 @@ def test_tiny_training_logs_the_same_losses_scanned_or_not(data_dir, tmp_path):
         losses[scan] = [r['loss'] for r in records if 'loss' in r]
     assert len(losses[True]) == 4
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+# ----------------------------------------------- scanned layers after an unrolled dense prefix
+
+
+def prefix_config(attention='mha', mtp_depth=0, **overrides):
+    """DeepSeek-V3's layer kinds in small: layer 0 dense (model.dense_layers=[0], kept unrolled
+    when scanned), layers 1-3 MoE (three scanned periods); jitter draws per-layer noise."""
+    cfg = tiny_config(**dict(dict(num_layers=4, moe_every=1, dense_layers=[0], jitter=0.1),
+                             **overrides))
+    if attention == 'mla':
+        cfg.model.update(**MLA_KEYS)
+    cfg.model.mtp_depth = mtp_depth
+    return cfg
+
+
+def test_one_seed_gives_one_model_with_a_dense_prefix():
+    """The prefix blocks are the unrolled model's first layers (their params without the
+    'layers' axis), the stack holds the rest, and the layout conversions are inverses."""
+    cfg = prefix_config(mtp_depth=1)
+    unrolled, scanned = models(cfg)
+    pure_u, pure_s = nnx.state(unrolled).to_pure_dict(), nnx.state(scanned).to_pure_dict()
+    assert sorted(pure_s['prefix']) == [0] and 'blocks' not in pure_s
+    jax.tree.map(np.testing.assert_array_equal, pure_s['prefix'][0], pure_u['blocks'][0])
+    jax.tree.map(np.testing.assert_array_equal, model_lib.unrolled_params(pure_s, cfg), pure_u)
+    jax.tree.map(np.testing.assert_array_equal, model_lib.scanned_params(pure_u, cfg), pure_s)
+    flat = model_lib.unrolled_model(scanned, cfg)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(flat).to_pure_dict(), pure_u)
+    w_in = scanned.stack.blocks[0].ffn.w_in_EDF
+    assert w_in.shape[0] == 3 and w_in.get_metadata()['out_sharding'][0] == 'layers'
+    dense_w = scanned.prefix[0].ffn.w_in_DF
+    assert dense_w.get_metadata()['out_sharding'] == unrolled.blocks[0].ffn.w_in_DF \
+        .get_metadata()['out_sharding'] and 'layers' not in dense_w.get_metadata()['out_sharding']
+
+
+@pytest.mark.parametrize('attention,mtp_depth,remat', [('mha', 0, 'none'), ('mla', 1, 'block'),
+                                                       ('mla', 0, 'minimal')])
+def test_scanned_with_a_dense_prefix_equals_unrolled(attention, mtp_depth, remat):
+    """Same weights, same loss (MTP's included), MoE statistics in layer order and gradients;
+    each scanned layer draws the unrolled layer's jitter noise (fold_in(rng, layer))."""
+    cfg = prefix_config(attention, mtp_depth)
+    cfg.model.remat = remat
+    unrolled, scanned = models(cfg)
+    data = batch(cfg)
+    with decisions.record() as margins:
+        loss_u, stats_u, grads_u = loss_and_grads(unrolled, cfg, data)
+    margins.assert_clear()
+    loss_s, stats_s, grads_s = loss_and_grads(scanned, cfg, data)
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
+    assert stats_s['expert_load'].shape[0] == 3 + mtp_depth
+    assert_close(stats_s, stats_u)
+    assert_close(model_lib.unrolled_params(grads_s, cfg), grads_u)
+
+
+def test_bias_update_with_a_dense_prefix_moves_each_layers_row():
+    """Loss-free balancing after a dense prefix: MoE layer l's load moves the stacked bias row
+    of layer l (and the MTP block's its own), as the unrolled model's per-layer update does."""
+    cfg = prefix_config(mtp_depth=1, balance='bias', bias_update_rate=0.1)
+    unrolled, scanned = models(cfg)
+    load_LE = jax.random.uniform(jax.random.key(4), (4, cfg.moe.num_experts))
+    for model in (unrolled, scanned):
+        assert len(model.moe_blocks()) == 4  # layers 1-3 and the MTP block
+        for layer, block in enumerate(model.moe_blocks()):
+            block.update_bias(load_LE[layer])
+    pure_u = nnx.state(unrolled).to_pure_dict()
+    jax.tree.map(np.testing.assert_array_equal,
+                 model_lib.unrolled_params(nnx.state(scanned).to_pure_dict(), cfg), pure_u)
+    bias_LE = np.stack([pure_u['blocks'][i]['ffn']['router']['expert_bias'] for i in (1, 2, 3)])
+    assert len({tuple(row) for row in np.round(bias_LE, 6)}) == 3  # each row moved its own way
+
+
+def test_generation_with_a_dense_prefix_uses_the_cache_correctly():
+    """Greedy decoding of the scanned prefix model through its KV caches gives the tokens and
+    logits of recomputing the whole forward for every new token."""
+    from tests.test_sampling import greedy_without_cache
+    cfg = prefix_config('mla', dispatch='dropless', jitter=0.0)
+    _, scanned = models(cfg)
+    prompt_BP = np.random.default_rng(0).integers(3, cfg.data.vocab_size, (2, 5))
+    tokens, logits = sampling.generate(scanned, prompt_BP, 7, temperature=0.0)
+    want_tokens, want_logits = greedy_without_cache(scanned, prompt_BP, 7)
+    np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
+    np.testing.assert_allclose(np.asarray(logits), want_logits, atol=2e-5, rtol=1e-5)
+
+
+def test_dense_prefix_scanned_on_a_mesh_trains_like_the_unrolled_model_on_one_device():
+    """The scanned prefix model (MLA, MTP, bias balancing) on 8 devices, heads over tensor and
+    experts over expert: the same 6 training steps as the unrolled model on one device."""
+    def cfg_for(scan, mesh=None):
+        cfg = make_config(mesh)
+        cfg.model.update(num_layers=3, dense_layers=[0], scan_layers=scan, mtp_depth=1,
+                         **MLA_KEYS)
+        cfg.moe.update(balance='bias', bias_update_rate=0.1)
+        return cfg
+    reference, _, margins = run(cfg_for(False), jax.devices()[:1], ulps=0, record=True)
+    margins.assert_clear()
+    history, _, _ = run(cfg_for(True, {'data': 2, 'expert': 2, 'tensor': 2}))
+    assert_same_training(history, reference)
+    assert np.asarray(reference[0]['expert_load']).shape[0] == 3  # layers 1, 2 and MTP

@@ -30,11 +30,25 @@ BAD = [
 ]
 
 
-def test_dense_layers_break_scanned_periods():
-    cfg = tiny_config(moe_every=1, dense_layers=[0])
-    assert not config_lib.scans_layers(cfg)  # auto: unrolled
+def test_only_a_dense_prefix_may_break_scanned_periods():
+    """Scanning keeps the first k layers unrolled when they are model.dense_layers; other dense
+    layers, or a prefix that leaves no whole periods, are refused in one line."""
+    cfg = tiny_config(num_layers=8, moe_every=1, dense_layers=[0, 1])
+    assert not config_lib.scans_layers(cfg)  # auto: unrolled, as before prefixes scanned
     cfg.model.scan_layers = True
-    with pytest.raises(ConfigError, match='model.dense_layers=.0. breaks'):
+    validate.check(cfg, num_devices=8)
+    assert config_lib.scan_layout(cfg) == (2, 1, 6)
+    cfg.model.dense_layers = [1, 2]
+    with pytest.raises(ConfigError, match=r'model.dense_layers=\[1, 2\] breaks .*first k layers'):
+        validate.check(cfg, num_devices=8)
+    cfg.model.update(moe_every=2, dense_layers=[0])  # layers 1..7 are no whole periods of 2
+    with pytest.raises(ConfigError, match='the 1 unrolled dense layers and the 7 after them'):
+        validate.check(cfg, num_devices=8)
+    cfg.model.dense_layers = [0, 1]
+    validate.check(cfg, num_devices=8)
+    assert config_lib.scan_layout(cfg) == (2, 2, 3)
+    cfg.model.update(moe_every=1, num_layers=2)  # nothing left to scan
+    with pytest.raises(ConfigError, match='model.scan_layers'):
         validate.check(cfg, num_devices=8)
 
 

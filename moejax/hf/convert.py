@@ -81,10 +81,16 @@ def import_hf(hf_dir: str, workdir: str, base_cfg, fp8_dtype: str = 'float32') -
         deepseek.check_counts(hf, tensors.names(), hf_dir)
         cfg = deepseek.to_moejax(hf, hf_dir, base_cfg, tensors.names())
         tensors = deepseek.Tensors(tensors, hf, cfg, fp8_dtype)
-        all_leaves, extra_leaves = deepseek.leaves(cfg), deepseek.bias_leaves(cfg)
     else:
         hf_config.check_counts(hf, tensors.names(), hf_dir)
         cfg = hf_config.to_moejax(hf, hf_dir, base_cfg)
+    kind, tokenizer = hf_tokenizer.find_tokenizer(hf_dir, cfg.data.vocab_size)
+    cfg.data.tokenizer, cfg.data.tokenizer_path = kind or 'none', None
+    validate.check(cfg, jax.device_count())  # before the leaves: their layout needs a valid scan
+    if family == deepseek.FAMILY:
+        all_leaves = hf_weights.model_layout(deepseek.leaves(cfg), cfg)
+        extra_leaves = hf_weights.model_layout(deepseek.bias_leaves(cfg), cfg)
+    else:
         all_leaves = hf_weights.leaves(cfg, family)
     if hf.get('tie_word_embeddings') and 'lm_head.weight' not in tensors.names():
         # A tied head is the embedding; moejax's head is its own parameter, so it starts as a copy.
@@ -92,9 +98,6 @@ def import_hf(hf_dir: str, workdir: str, base_cfg, fp8_dtype: str = 'float32') -
                       if leaf.path == ('head_DV',) else leaf for leaf in all_leaves]
     hf_weights.check_tensors(tensors, all_leaves + extra_leaves)
     _refuse_unknown(tensors, all_leaves + extra_leaves, hf_dir)
-    kind, tokenizer = hf_tokenizer.find_tokenizer(hf_dir, cfg.data.vocab_size)
-    cfg.data.tokenizer, cfg.data.tokenizer_path = kind or 'none', None
-    validate.check(cfg, jax.device_count())
     by_path = {leaf.path: leaf for leaf in all_leaves + extra_leaves}
 
     def streamed(path, a):

@@ -89,7 +89,10 @@ def to_moejax(hf: dict, hf_dir: str, base, names):
     m.update(d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'], num_heads=heads,
              num_kv_heads=0, head_dim=0, d_ff=hf['intermediate_size'], activation='swiglu',
              max_len=hf.get('max_position_embeddings', 4096), qk_norm=False, qkv_bias=False,
-             norm_eps=float(hf.get('rms_norm_eps', 1e-6)), moe_every=1, scan_layers=False,
+             norm_eps=float(hf.get('rms_norm_eps', 1e-6)), moe_every=1,
+             # the base's choice when it makes one (the dense prefix stays unrolled), else
+             # unrolled, as DeepSeek imports were before scanning took a prefix
+             scan_layers=bool(base.model.scan_layers),
              dense_layers=list(range(hf.get('first_k_dense_replace', 0))),
              dtype='bfloat16' if hf.get('dtype', hf.get('torch_dtype')) in (
                  'bfloat16', 'float16') else 'float32',
@@ -176,7 +179,8 @@ def _block(cfg, at: tuple, layer: int) -> list[Leaf]:
 
 
 def leaves(cfg) -> list[Leaf]:
-    """Every parameter of the unrolled model (MTP modules included) in the published names."""
+    """Every parameter of the unrolled model (MTP modules included) in the published names
+    (hf.weights.model_layout puts them in a scanned model's layout)."""
     m = cfg.model
     D, V, L = m.d_model, cfg.data.vocab_size, m.num_layers
     out = [_leaf(('embed', 'table_VD'), 'model.embed_tokens.weight', (V, D)),

@@ -123,20 +123,26 @@ def unrolled_leaves(cfg, family: str) -> list[Leaf]:
 
 
 def leaves(cfg, family: str) -> list[Leaf]:
-    """The leaves in the model's own layout: unrolled, or (model.scan_layers) with layer i =
-    period p, block j stacked as stack/blocks/j at leading index p."""
-    flat = unrolled_leaves(cfg, family)
+    """The leaves in the model's own layout (see model_layout)."""
+    return model_layout(unrolled_leaves(cfg, family), cfg)
+
+
+def model_layout(flat: list[Leaf], cfg) -> list[Leaf]:
+    """Unrolled leaves (blocks[i]) in the model's own layout: as they are, or (model.scan_layers)
+    with the dense prefix's layer i as prefix/i and layer prefix + p * period + j stacked as
+    stack/blocks/j at leading index p."""
     if not config_lib.scans_layers(cfg):
         return flat
-    n = config_lib.scan_period(cfg)
-    periods = cfg.model.num_layers // n
-    out = [leaf for leaf in flat if leaf.path[0] != 'blocks']
+    first, n, periods = config_lib.scan_layout(cfg)
+    in_prefix = lambda leaf: leaf.path[0] == 'blocks' and leaf.path[1] < first
+    out = [leaf._replace(path=('prefix',) + leaf.path[1:]) if in_prefix(leaf) else leaf
+           for leaf in flat if leaf.path[0] != 'blocks' or in_prefix(leaf)]
     by_path = {leaf.path: leaf for leaf in flat}
     for j in range(n):
         for leaf in flat:
-            if leaf.path[:2] != ('blocks', j):
+            if leaf.path[:2] != ('blocks', first + j):
                 continue
-            layers = [by_path[('blocks', p * n + j) + leaf.path[2:]]
+            layers = [by_path[('blocks', first + p * n + j) + leaf.path[2:]]
                       for p in range(periods)]
             out.append(leaf._replace(path=('stack', 'blocks', j) + leaf.path[2:],
                                      names=np.stack([x.names for x in layers])))

@@ -94,10 +94,10 @@ class Period(nnx.Module):
     def __init__(self, blocks: list[Block]):
         self.blocks = nnx.List(blocks)
 
-    def __call__(self, x_BTD, segment_ids_BT, positions_BT, rng, index, *, train):
-        """Layers index*len .. index*len+len-1; returns x and the MoE block's stats ({} if none).
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT, rng, first, *, train):
+        """Layers first .. first+len-1; returns x and the MoE block's stats ({} if none).
         Layer i draws its noise from fold_in(rng, i), exactly as the unrolled model does."""
-        stats, first = {}, index * len(self.blocks)
+        stats = {}
         for j, block in enumerate(self.blocks):
             block_rng = None if rng is None else jax.random.fold_in(rng, first + j)
             x_BTD, block_stats = block(x_BTD, segment_ids_BT, positions_BT, train=train,
@@ -138,8 +138,8 @@ class StackedMoELayer:
 
 
 class Transformer(nnx.Module):
-    """Embedding, num_layers blocks (unrolled in `blocks`, or scanned in `stack` when
-    model.scan_layers), final norm and the output head."""
+    """Embedding, num_layers blocks (unrolled in `blocks`, or when model.scan_layers scanned in
+    `stack`, after a dense prefix kept unrolled in `prefix`), final norm and the output head."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         m = cfg.model
@@ -149,7 +149,10 @@ class Transformer(nnx.Module):
         self.embed = layers.Embed(cfg.data.vocab_size, m.d_model, rngs=rngs)
         blocks = [Block(cfg, is_moe_layer(cfg, i), rngs=rngs) for i in range(m.num_layers)]
         if self.scan:
-            self.stack = stacked_periods(blocks, config_lib.scan_period(cfg))
+            first, period, _ = config_lib.scan_layout(cfg)
+            if first:  # DeepSeek's first dense layers: not a period, so kept out of the scan
+                self.prefix = nnx.List(blocks[:first])
+            self.stack = stacked_periods(blocks[first:], period)
         else:
             self.blocks = nnx.List(blocks)
         self.final_norm = layers.RMSNorm(m.d_model, m.norm_eps)
@@ -161,6 +164,10 @@ class Transformer(nnx.Module):
                 m.d_model, m.norm_eps,
                 Block(cfg, is_moe_layer(cfg, m.num_layers + k), rngs=rngs), rngs=rngs)
                 for k in range(m.mtp_depth)])
+
+    def prefix_blocks(self) -> list:
+        """Scanned models: the unrolled blocks before the stack (layers 0..k-1; often none)."""
+        return list(self.prefix) if hasattr(self, 'prefix') else []
 
     def mtp_modules(self) -> list:
         """The multi-token prediction modules, depth 1 first (none without model.mtp_depth)."""
@@ -196,17 +203,15 @@ class Transformer(nnx.Module):
         depths = mtp.run_depths(modules, h_BTD, lambda ids: self.embed(ids, self.dtype),
                                 targets_BT, segment_ids_BT, positions_BT, rng, run_block=run,
                                 first_layer=self.num_layers)
-        extra = stack_stats([s for *_, s in depths if s is not None])
-        if extra:
-            stats = ({k: jnp.concatenate([stats[k], extra[k]]) for k in extra} if stats
-                     else extra)
+        stats = concat_stats(stats, stack_stats([s for *_, s in depths if s is not None]))
         heads = [(self.logits(h, module.out_norm), labels, seg)
                  for module, (h, labels, seg, _) in zip(modules, depths)]
         return self.logits(h_BTD, self.final_norm), stats, heads
 
-    def _unrolled(self, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
+    def _unrolled(self, x_BTD, segment_ids_BT, positions_BT, rng, *, train, blocks=None):
+        """The blocks (default: all) one after another; block i is layer i."""
         layer_stats = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks if blocks is None else blocks):
             block_rng = None if rng is None else jax.random.fold_in(rng, i)
             x_BTD, stats = run_block(block, x_BTD, segment_ids_BT, positions_BT, block_rng,
                                      train=train, remat=self.remat)
@@ -215,32 +220,43 @@ class Transformer(nnx.Module):
         return x_BTD, stack_stats(layer_stats)
 
     def _scanned(self, x_BTD, segment_ids_BT, positions_BT, rng, *, train):
-        """One compiled period, scanned over the stacked layers; stats stack as the scan's ys."""
+        """The prefix unrolled, then one compiled period scanned over the stacked layers; stats
+        stack as the scan's ys, after the prefix's (layer order)."""
+        prefix = self.prefix_blocks()
+        x_BTD, prefix_stats = self._unrolled(x_BTD, segment_ids_BT, positions_BT, rng,
+                                             train=train, blocks=prefix)
         graphdef, state = nnx.split(self.stack)
 
-        def body(x_BTD, state_and_index):
-            state, index = state_and_index
+        def body(x_BTD, state_and_first):
+            state, first = state_and_first
             period = nnx.merge(graphdef, state)
-            return period(x_BTD, segment_ids_BT, positions_BT, rng, index, train=train)
+            return period(x_BTD, segment_ids_BT, positions_BT, rng, first, train=train)
         # prevent_cse=False: inside a scan, CSE cannot merge the recomputation into the forward.
         body = rematted(body, self.remat, prevent_cse=False)
-        return jax.lax.scan(body, x_BTD, (state, jnp.arange(self.num_periods())))
+        firsts = len(prefix) + self.period_length() * jnp.arange(self.num_periods())
+        x_BTD, stats = jax.lax.scan(body, x_BTD, (state, firsts))
+        return x_BTD, concat_stats(prefix_stats, stats)
 
     def num_periods(self) -> int:
         """Scanned models: how many periods the stack holds."""
         return jax.tree.leaves(nnx.state(self.stack))[0].shape[0]
 
+    def period_length(self) -> int:
+        """Scanned models: layers per period."""
+        return len(self.stack.blocks)
+
     def init_cache(self, batch: int, max_len: int) -> list[layers.KVCache]:
         """An empty KV cache per block, [B, max_len, KV heads, K] in the model dtype (scanned:
-        one per block of a period, each with a leading [num_periods] axis)."""
+        one per prefix block, then one per block of a period with a leading [num_periods] axis)."""
+        empty = lambda blocks: [b.attn.empty_cache(batch, max_len, self.dtype) for b in blocks]
         if not self.scan:
-            return [b.attn.empty_cache(batch, max_len, self.dtype) for b in self.blocks]
+            return empty(self.blocks)
         graphdef, state = nnx.split(self.stack)
         one = nnx.merge(graphdef, jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state))
         n = self.num_periods()
-        return [jax.tree.map(lambda c: jnp.zeros((n,) + c.shape, c.dtype),
-                             b.attn.empty_cache(batch, max_len, self.dtype)) for b in one.blocks]
+        stacked = lambda c: jnp.zeros((n,) + c.shape, c.dtype)
+        return empty(self.prefix_blocks()) + [jax.tree.map(stacked, c) for c in empty(one.blocks)]
 
     def extend(self, inputs_BT, cache: list[layers.KVCache], start):
         """Logits [B, T, V] of T new tokens at positions start.. (one document per row, no
@@ -248,13 +264,16 @@ class Transformer(nnx.Module):
         token at a time. Evaluation mode; MoE routing groups are the new tokens of a row."""
         x_BTD = self.embed(inputs_BT, self.dtype)
         if self.scan:
+            prefix = self.prefix_blocks()
+            x_BTD, new_cache = extend_blocks(prefix, x_BTD, cache[:len(prefix)], start)
             graphdef, state = nnx.split(self.stack)
 
             def body(x_BTD, state_and_cache):
                 state, period_cache = state_and_cache
                 period = nnx.merge(graphdef, state)
                 return extend_blocks(period.blocks, x_BTD, period_cache, start)
-            x_BTD, new_cache = jax.lax.scan(body, x_BTD, (state, cache))
+            x_BTD, stacked_cache = jax.lax.scan(body, x_BTD, (state, cache[len(prefix):]))
+            new_cache += stacked_cache
         else:
             x_BTD, new_cache = extend_blocks(self.blocks, x_BTD, cache, start)
         x_BTD = self.final_norm(x_BTD)
@@ -262,15 +281,17 @@ class Transformer(nnx.Module):
         return logits_BTV.astype(jnp.float32), new_cache
 
     def moe_blocks(self) -> list:
-        """Each MoE layer's block, in layer order (scanned: views of the stacked block), then
-        the MTP modules' MoE blocks (forward_with_mtp's statistics have the same order)."""
+        """Each MoE layer's block, in layer order (scanned: the prefix's, then views of the
+        stacked block), then the MTP modules' MoE blocks (forward_with_mtp's statistics have the
+        same order)."""
+        moe = lambda blocks: [b.ffn for b in blocks if isinstance(b.ffn, MoEBlock)]
         extra = [m.block.ffn for m in self.mtp_modules() if isinstance(m.block.ffn, MoEBlock)]
         if not self.scan:
-            return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEBlock)] + extra
+            return moe(self.blocks) + extra
         ffn = self.stack.blocks[-1].ffn
-        if not isinstance(ffn, MoEBlock):
-            return extra
-        return [StackedMoELayer(ffn, p) for p in range(self.num_periods())] + extra
+        stacked = ([StackedMoELayer(ffn, p) for p in range(self.num_periods())]
+                   if isinstance(ffn, MoEBlock) else [])
+        return moe(self.prefix_blocks()) + stacked + extra
 
 
 def extend_blocks(blocks, x_BTD, cache, start):
@@ -284,20 +305,22 @@ def extend_blocks(blocks, x_BTD, cache, start):
 def scanned_params(unrolled: dict, cfg) -> dict:
     """An unrolled model's pure state dict (nnx.State.to_pure_dict) in the scanned layout."""
     out = {k: v for k, v in unrolled.items() if k != 'blocks'}
-    n = config_lib.scan_period(cfg)
-    count = cfg.model.num_layers // n
+    first, n, count = config_lib.scan_layout(cfg)
+    if first:
+        out['prefix'] = {i: unrolled['blocks'][i] for i in range(first)}
     out['stack'] = {'blocks': {j: jax.tree.map(lambda *xs: jnp.stack(xs), *[
-        unrolled['blocks'][p * n + j] for p in range(count)]) for j in range(n)}}
+        unrolled['blocks'][first + p * n + j] for p in range(count)]) for j in range(n)}}
     return out
 
 
 def unrolled_params(scanned: dict, cfg) -> dict:
     """A scanned model's pure state dict in the unrolled layout (the inverse of scanned_params)."""
-    out = {k: v for k, v in scanned.items() if k != 'stack'}
-    n = config_lib.scan_period(cfg)
-    count = cfg.model.num_layers // n
-    out['blocks'] = {p * n + j: jax.tree.map(lambda x: x[p], scanned['stack']['blocks'][j])
-                     for p in range(count) for j in range(n)}
+    out = {k: v for k, v in scanned.items() if k not in ('prefix', 'stack')}
+    first, n, count = config_lib.scan_layout(cfg)
+    out['blocks'] = {i: scanned['prefix'][i] for i in range(first)}
+    out['blocks'].update({first + p * n + j: jax.tree.map(lambda x: x[p],
+                                                          scanned['stack']['blocks'][j])
+                          for p in range(count) for j in range(n)})
     return out
 
 
@@ -313,6 +336,13 @@ def unrolled_model(model: Transformer, cfg) -> Transformer:
     nnx.replace_by_pure_dict(state, unrolled_params(nnx.state(model).to_pure_dict(), cfg))
     nnx.update(flat, state)
     return flat
+
+
+def concat_stats(first: dict, then: dict) -> dict:
+    """MoE statistics of consecutive layers ({name: [layers, ...]}), first's layers first."""
+    if not (first and then):
+        return first or then
+    return {k: jnp.concatenate([first[k], then[k]]) for k in first}
 
 
 def stack_stats(layer_stats: list[dict]) -> dict:
