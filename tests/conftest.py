@@ -1,12 +1,15 @@
 """Every test sees 8 CPU-simulated devices, so mesh layouts are tested without accelerators.
 
 What many modules need is built once per session and shared by its xdist workers: the prepared
-corpus (`data_dir`) and a trained tiny run (`trained_tiny_run`); the commands that interrupt and
-resume training share a compile cache per worker (`compile_cache`).
+corpus (`data_dir`), a trained tiny run (`trained_tiny_run`), and a persistent XLA cache that
+every process of the session reads and writes (SESSION_CACHE_ENV: the same program compiled by
+two tests or two commands is compiled once); the commands that are killed while they train use
+a cache of their own per worker (`compile_cache`), so no half-written entry reaches the others.
 """
 import fcntl
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -28,9 +31,29 @@ def pytest_addoption(parser):
                      'by this many ulps (tests/decisions.py): verdicts must not change')
 
 
+# Every program, however small, is kept. No size bound: with one, JAX scans the whole directory
+# under a file lock at every write, and the processes queue on it (half the CPU sat idle).
+# Without the lock a reader could meet an entry still being written (two processes compiling
+# the same program within the same millisecond): JAX warns and compiles it again.
+SESSION_CACHE_ENV = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                     'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+SESSION_CACHE = pytest.StashKey[str]()  # the cache's directory, in the process that made it
+
+
 def pytest_configure(config):
     from tests import decisions
     decisions.LAYOUT_ULPS = config.getoption('router_ulps')
+    if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the first process: xdist workers inherit
+        path = tempfile.mkdtemp(prefix='moejax-tests-xla-cache-')
+        config.stash[SESSION_CACHE] = path
+        os.environ.update(SESSION_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=path)
+        jax.config.update('jax_compilation_cache_dir', path)  # jax read the environment already
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+        jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.stash.get(SESSION_CACHE, ''), ignore_errors=True)
 
 
 def shared_path(tmp_path_factory, name: str, build):
@@ -80,7 +103,8 @@ def trained_tiny_run(tmp_path_factory, data_dir):
 
     def train(path):
         proc = run_cli('train', *TINY_RUN_FLAGS, f'--workdir={path}',
-                       f'--config.data.data_dir={data_dir}')
+                       f'--config.data.data_dir={data_dir}',
+                       env={'JAX_ENABLE_COMPILATION_CACHE': 'false'})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert workdir_lib.saved_steps(str(path)) == [5, 10]
         assert [r['step'] for r in metrics.read_jsonl(str(path / 'metrics.jsonl'))

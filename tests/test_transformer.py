@@ -131,6 +131,15 @@ def loss_and_grads(model, cfg, data):
     return loss, stats, grads.to_pure_dict()
 
 
+def against_reference(reference, model, cfg, data):
+    """loss_and_grads of the reference, whose routing decisions must have clear margins (so
+    that the comparison does not hang on rounding: tests/decisions.py), then of the model."""
+    with decisions.record() as margins:
+        expected = loss_and_grads(reference, cfg, data)
+    margins.assert_clear()
+    return expected, loss_and_grads(model, cfg, data)
+
+
 def assert_close(a, b, tol=1e-5):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
 
@@ -144,10 +153,8 @@ def test_scanned_equals_unrolled(moe_every, remat, router):
     cfg.model.remat = remat
     unrolled, scanned = models(cfg)
     data = batch(cfg)
-    with decisions.record() as margins:
-        loss_u, stats_u, grads_u = loss_and_grads(unrolled, cfg, data)
-    margins.assert_clear()
-    loss_s, stats_s, grads_s = loss_and_grads(scanned, cfg, data)
+    (loss_u, stats_u, grads_u), (loss_s, stats_s, grads_s) = against_reference(
+        unrolled, scanned, cfg, data)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     assert_close(stats_s, stats_u)
     if moe_every:
@@ -166,10 +173,7 @@ def test_remat_policies_change_nothing(remat, scan):
     cfg_remat.model.remat = remat
     rematted = model_lib.Transformer(cfg_remat, rngs=nnx.Rngs(params=jax.random.key(0)))
     data = batch(cfg)
-    with decisions.record() as margins:
-        loss_r, _, grads_r = loss_and_grads(reference, cfg, data)
-    margins.assert_clear()
-    loss, _, grads = loss_and_grads(rematted, cfg, data)
+    (loss_r, _, grads_r), (loss, _, grads) = against_reference(reference, rematted, cfg, data)
     np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
     assert_close(grads, grads_r)
 
@@ -272,10 +276,8 @@ def test_scanned_with_a_dense_prefix_equals_unrolled(attention, mtp_depth, remat
     cfg.model.remat = remat
     unrolled, scanned = models(cfg)
     data = batch(cfg)
-    with decisions.record() as margins:
-        loss_u, stats_u, grads_u = loss_and_grads(unrolled, cfg, data)
-    margins.assert_clear()
-    loss_s, stats_s, grads_s = loss_and_grads(scanned, cfg, data)
+    (loss_u, stats_u, grads_u), (loss_s, stats_s, grads_s) = against_reference(
+        unrolled, scanned, cfg, data)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     assert stats_s['expert_load'].shape[0] == 3 + mtp_depth
     assert_close(stats_s, stats_u)
