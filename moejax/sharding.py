@@ -67,6 +67,23 @@ def logical_to_spec(logical: Sequence[str | None]) -> P:
     return P(*entries)
 
 
+def fit_spec(spec: P, shape, mesh_shape) -> P:
+    """spec with each dim's mesh axes cut to the longest leading run whose product divides the
+    dim, so a width too small for its rule is split over fewer axes (a tiny model's 12-channel
+    MLA latent over fsdp 2 x expert 4 keeps fsdp) instead of failing."""
+    entries = []
+    for entry, size in zip(spec, shape):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        keep, prod = [], 1
+        for axis in axes:
+            prod *= mesh_shape.get(axis, 1)
+            if size % prod:
+                break
+            keep.append(axis)
+        entries.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*entries)
+
+
 def tree_specs(logical_tree):
     """Map a pytree of logical PartitionSpecs (as nnx.get_partition_spec gives) to mesh specs."""
     return jax.tree.map(lambda spec: logical_to_spec(tuple(spec)), logical_tree,

@@ -257,9 +257,5 @@ def _check_mesh(cfg, num_devices):
              f'must divide by mesh.tensor={shape["tensor"]}')
     _require(cfg.data.vocab_size % shape['tensor'] == 0, 'data.vocab_size', cfg.data.vocab_size,
              f'must divide by mesh.tensor={shape["tensor"]} (the embedding is split over it)')
-    full = shape['fsdp'] * shape['expert']  # sharding.DEFAULT_RULES: embed, q_lora, kv_lora
-    split = f'must divide by mesh.fsdp*expert={full} (weights are split over it)'
-    _require(m.d_model % full == 0, 'model.d_model', m.d_model, split)
-    if m.attention_kind == 'mla':
-        for key in ('model.q_lora_rank', 'model.kv_lora_rank'):
-            _require(get(cfg, key) % full == 0, key, get(cfg, key), split)
+    _require(m.d_model % shape['fsdp'] == 0, 'model.d_model', m.d_model,
+             f'must divide by mesh.fsdp={shape["fsdp"]} (weights are split over it)')

@@ -46,3 +46,11 @@ def test_layout_matches_one_device(mesh, comm):
 ])
 def test_each_mesh_axis_once_per_spec(logical, expected):
     assert sharding.logical_to_spec(logical) == expected
+
+
+def test_a_dim_too_small_for_its_axes_keeps_a_dividing_prefix():
+    mesh = {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 2}
+    spec = P(('fsdp', 'expert'), 'tensor', None)
+    assert sharding.fit_spec(spec, (16, 2, 3), mesh) == spec
+    assert sharding.fit_spec(spec, (12, 2, 3), mesh) == P('fsdp', 'tensor', None)
+    assert sharding.fit_spec(spec, (3, 3, 3), mesh) == P(None, None, None)
