@@ -21,10 +21,16 @@ MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 # Parameter names first, then activation names (prefixed 'act_' where they differ from the
 # parameter they meet, so that e.g. a weight's 'embed' can be fsdp-sharded while the
 # activation's embed dim stays whole).
+# As in MaxText, a non-expert weight is fully sharded over fsdp and expert together (outside the
+# MoE block the expert axis is data parallelism); an array's dim gets only the mesh axes no
+# earlier dim of it took (logical_to_spec), so expert weights [exp, embed, mlp] keep 'expert' on
+# exp and 'fsdp' on embed, and MLA's [embed, q_lora] splits embed alone.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ('exp', 'expert'),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'expert')),
+    ('q_lora', ('fsdp', 'expert')),  # MLA's low-rank dims (moejax/model/mla.py)
+    ('kv_lora', ('fsdp', 'expert')),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
@@ -47,9 +53,35 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def logical_to_spec(logical: Sequence[str | None]) -> P:
-    """PartitionSpec for a tuple of logical axis names; unknown names and None replicate."""
-    table = dict(DEFAULT_RULES)
-    return P(*(table.get(name) if name is not None else None for name in logical))
+    """PartitionSpec for a tuple of logical axis names; unknown names and None replicate.
+
+    A mesh axis may appear once per spec: each dim keeps only the axes of its rule that no
+    earlier dim took (None when none are left)."""
+    table, used, entries = dict(DEFAULT_RULES), set(), []
+    for name in logical:
+        entry = table.get(name) if name is not None else None
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        free = tuple(a for a in axes if a not in used)
+        used.update(free)
+        entries.append(None if not free else free[0] if len(free) == 1 else free)
+    return P(*entries)
+
+
+def fit_spec(spec: P, shape, mesh_shape) -> P:
+    """spec with each dim's mesh axes cut to the longest leading run whose product divides the
+    dim, so a width too small for its rule is split over fewer axes (a tiny model's 12-channel
+    MLA latent over fsdp 2 x expert 4 keeps fsdp) instead of failing."""
+    entries = []
+    for entry, size in zip(spec, shape):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        keep, prod = [], 1
+        for axis in axes:
+            prod *= mesh_shape.get(axis, 1)
+            if size % prod:
+                break
+            keep.append(axis)
+        entries.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*entries)
 
 
 def tree_specs(logical_tree):

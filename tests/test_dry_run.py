@@ -55,10 +55,10 @@ def test_mixtral_dry_run_on_64_simulated_devices():
     assert result['params'] == result['params_counted'] == counts['params']
     assert result['devices'] == 64
     assert result['mesh'] == {'data': 8, 'fsdp': 1, 'expert': 8, 'tensor': 1}
-    # float32 parameters: the experts split 8 ways over 'expert', everything else replicated.
-    m, e = cfg.model, cfg.moe
-    experts = layers * e.num_experts * 3 * m.d_model * m.d_ff
-    expected = 4 * (counts['params'] - experts + experts // 8)
+    # float32 parameters: the experts split 8 ways over 'expert', every other weight 8 ways over
+    # its embed dim (fsdp x expert, sharding.DEFAULT_RULES), the RMSNorm scales replicated.
+    norms = (2 * layers + 1) * cfg.model.d_model
+    expected = 4 * ((counts['params'] - norms) // 8 + norms)
     assert result['params_bytes_per_device'] == expected
     # AdamW: two moments like the params, plus a step count or two.
     assert 0 <= result['opt_state_bytes_per_device'] - 2 * expected <= 64

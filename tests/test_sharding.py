@@ -6,7 +6,9 @@ that nothing drops): 6 training steps on the same batches must give the same los
 reference's routing decisions are checked for a clear margin (tests/decisions.py).
 """
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from moejax import sharding
 from tests import layouts
 
 LAYOUTS = [
@@ -25,3 +27,30 @@ LAYOUTS = [
                          'x'.join(f'{k}{n}' for k, n in v.items()))
 def test_layout_matches_one_device(mesh, comm):
     layouts.check(mesh, comm)
+
+
+@pytest.mark.parametrize('logical,expected', [
+    (('vocab', 'embed'), P('tensor', ('fsdp', 'expert'))),  # embedding table
+    (('embed', 'vocab'), P(('fsdp', 'expert'), 'tensor')),  # output head
+    (('norm',), P(None)),  # unknown names replicate
+    (('embed', 'router'), P(('fsdp', 'expert'), None)),
+    (('exp', 'embed', 'mlp'), P('expert', 'fsdp', 'tensor')),  # expert weights: exp took expert
+    (('exp', 'mlp', 'embed'), P('expert', 'tensor', 'fsdp')),
+    (('layers', 'exp', 'embed', 'mlp'), P(None, 'expert', 'fsdp', 'tensor')),
+    (('embed', 'q_lora'), P(('fsdp', 'expert'), None)),  # nothing left for q_lora
+    (('q_lora', 'heads', 'head_dim'), P(('fsdp', 'expert'), 'tensor', None)),
+    (('kv_lora', 'heads', 'head_dim'), P(('fsdp', 'expert'), 'tensor', None)),
+    (('batch', 'length', 'act_embed'), P(('data', 'fsdp', 'expert'), None, None)),
+    (('expert_group', 'act_exp', 'capacity', 'act_embed'),
+     P(('data', 'fsdp'), 'expert', None, None)),
+])
+def test_each_mesh_axis_once_per_spec(logical, expected):
+    assert sharding.logical_to_spec(logical) == expected
+
+
+def test_a_dim_too_small_for_its_axes_keeps_a_dividing_prefix():
+    mesh = {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 2}
+    spec = P(('fsdp', 'expert'), 'tensor', None)
+    assert sharding.fit_spec(spec, (16, 2, 3), mesh) == spec
+    assert sharding.fit_spec(spec, (12, 2, 3), mesh) == P('fsdp', 'tensor', None)
+    assert sharding.fit_spec(spec, (3, 3, 3), mesh) == P(None, None, None)

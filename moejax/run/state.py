@@ -62,8 +62,10 @@ def make_setup(cfg, mesh) -> Setup:
 
 def state_shardings(mesh, tx, abstract: TrainState) -> TrainState:
     """Params by their logical names; optimizer moments like their params; the rest replicated."""
-    param_specs = sharding.tree_specs(nnx.get_partition_spec(abstract.params))
     is_spec = lambda x: isinstance(x, P)
+    param_specs = jax.tree.map(lambda spec, leaf: sharding.fit_spec(spec, leaf.shape, mesh.shape),
+                               sharding.tree_specs(nnx.get_partition_spec(abstract.params)),
+                               abstract.params, is_leaf=is_spec)
     # Factored (Adafactor) statistics have fewer dims than their param: replicate those.
     fit = lambda leaf, spec: spec if len(spec) == len(leaf.shape) else P()
     opt_specs = optax.tree_map_params(tx, fit, abstract.opt_state, param_specs,
