@@ -52,10 +52,15 @@ NO_DROP_CASES = {
 @pytest.mark.parametrize('case', list(NO_DROP_CASES))
 def test_cached_greedy_decoding_equals_full_forward(case):
     cfg = tiny_config(**NO_DROP_CASES[case])
-    model = make_model(cfg)
+    assert_cached_greedy_equals_forward(make_model(cfg), cfg, 11)
+
+
+def assert_cached_greedy_equals_forward(model, cfg, num_new: int):
+    """Greedy decoding through the KV cache gives the tokens and logits of recomputing the
+    whole forward for every new token (a random 5-token prompt, 2 rows)."""
     prompt_BP = np.random.default_rng(0).integers(3, cfg.data.vocab_size, (2, 5))
-    tokens, logits = sampling.generate(model, prompt_BP, 11, temperature=0.0)
-    want_tokens, want_logits = greedy_without_cache(model, prompt_BP, 11)
+    tokens, logits = sampling.generate(model, prompt_BP, num_new, temperature=0.0)
+    want_tokens, want_logits = greedy_without_cache(model, prompt_BP, num_new)
     np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
     np.testing.assert_allclose(np.asarray(logits), want_logits, atol=2e-5, rtol=1e-5)
 

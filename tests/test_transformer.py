@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 
 from moejax.model import transformer as model_lib
-from moejax.readers import sampling
 from moejax.run import loop
 from moejax.run import step as step_lib
 from tests import decisions
@@ -85,16 +84,23 @@ def models(cfg, seed=0):
     return unrolled, scanned
 
 
-def test_one_seed_gives_one_model_in_both_layouts():
-    """The scanned model's stacked weights are the unrolled model's, layer by layer, and the
-    layout conversions are inverses."""
-    cfg = tiny_config(num_layers=4, moe_every=2)
-    unrolled, scanned = models(cfg)
+def assert_layouts_convert(unrolled, scanned, cfg):
+    """scanned_params, unrolled_params and unrolled_model map each layout's weights onto the
+    other's exactly; returns both pure state dicts."""
     pure_u, pure_s = nnx.state(unrolled).to_pure_dict(), nnx.state(scanned).to_pure_dict()
     jax.tree.map(np.testing.assert_array_equal, model_lib.unrolled_params(pure_s, cfg), pure_u)
     jax.tree.map(np.testing.assert_array_equal, model_lib.scanned_params(pure_u, cfg), pure_s)
     flat = model_lib.unrolled_model(scanned, cfg)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(flat).to_pure_dict(), pure_u)
+    return pure_u, pure_s
+
+
+def test_one_seed_gives_one_model_in_both_layouts():
+    """The scanned model's stacked weights are the unrolled model's, layer by layer, and the
+    layout conversions are inverses."""
+    cfg = tiny_config(num_layers=4, moe_every=2)
+    unrolled, scanned = models(cfg)
+    assert_layouts_convert(unrolled, scanned, cfg)
     w_in = scanned.stack.blocks[1].ffn.w_in_EDF
     assert w_in.shape[0] == 2 and w_in.get_metadata()['out_sharding'][0] == 'layers'
 
@@ -151,14 +157,19 @@ def test_scanned_equals_unrolled(moe_every, remat, router):
     """Same weights, same loss, MoE statistics (per MoE layer, in order) and gradients."""
     cfg = tiny_config(num_layers=4, moe_every=moe_every, router=router, jitter=0.1)
     cfg.model.remat = remat
+    assert_scanned_equals_unrolled(cfg, moe_layers=4 // moe_every if moe_every else 0)
+
+
+def assert_scanned_equals_unrolled(cfg, moe_layers: int):
+    """One seed's model scanned and unrolled: the same loss, statistics of moe_layers MoE
+    layers in layer order, and gradients, on one batch."""
     unrolled, scanned = models(cfg)
-    data = batch(cfg)
     (loss_u, stats_u, grads_u), (loss_s, stats_s, grads_s) = against_reference(
-        unrolled, scanned, cfg, data)
+        unrolled, scanned, cfg, batch(cfg))
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     assert_close(stats_s, stats_u)
-    if moe_every:
-        assert stats_s['expert_load'].shape[0] == 4 // moe_every
+    if moe_layers:
+        assert stats_s['expert_load'].shape[0] == moe_layers
     assert_close(model_lib.unrolled_params(grads_s, cfg), grads_u)
 
 
@@ -253,13 +264,9 @@ def test_one_seed_gives_one_model_with_a_dense_prefix():
     'layers' axis), the stack holds the rest, and the layout conversions are inverses."""
     cfg = prefix_config(mtp_depth=1)
     unrolled, scanned = models(cfg)
-    pure_u, pure_s = nnx.state(unrolled).to_pure_dict(), nnx.state(scanned).to_pure_dict()
+    pure_u, pure_s = assert_layouts_convert(unrolled, scanned, cfg)
     assert sorted(pure_s['prefix']) == [0] and 'blocks' not in pure_s
     jax.tree.map(np.testing.assert_array_equal, pure_s['prefix'][0], pure_u['blocks'][0])
-    jax.tree.map(np.testing.assert_array_equal, model_lib.unrolled_params(pure_s, cfg), pure_u)
-    jax.tree.map(np.testing.assert_array_equal, model_lib.scanned_params(pure_u, cfg), pure_s)
-    flat = model_lib.unrolled_model(scanned, cfg)
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(flat).to_pure_dict(), pure_u)
     w_in = scanned.stack.blocks[0].ffn.w_in_EDF
     assert w_in.shape[0] == 3 and w_in.get_metadata()['out_sharding'][0] == 'layers'
     dense_w = scanned.prefix[0].ffn.w_in_DF
@@ -274,14 +281,7 @@ def test_scanned_with_a_dense_prefix_equals_unrolled(attention, mtp_depth, remat
     each scanned layer draws the unrolled layer's jitter noise (fold_in(rng, layer))."""
     cfg = prefix_config(attention, mtp_depth)
     cfg.model.remat = remat
-    unrolled, scanned = models(cfg)
-    data = batch(cfg)
-    (loss_u, stats_u, grads_u), (loss_s, stats_s, grads_s) = against_reference(
-        unrolled, scanned, cfg, data)
-    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
-    assert stats_s['expert_load'].shape[0] == 3 + mtp_depth
-    assert_close(stats_s, stats_u)
-    assert_close(model_lib.unrolled_params(grads_s, cfg), grads_u)
+    assert_scanned_equals_unrolled(cfg, moe_layers=3 + mtp_depth)
 
 
 def test_bias_update_with_a_dense_prefix_moves_each_layers_row():
@@ -304,14 +304,10 @@ def test_bias_update_with_a_dense_prefix_moves_each_layers_row():
 def test_generation_with_a_dense_prefix_uses_the_cache_correctly():
     """Greedy decoding of the scanned prefix model through its KV caches gives the tokens and
     logits of recomputing the whole forward for every new token."""
-    from tests.test_sampling import greedy_without_cache
+    from tests.test_sampling import assert_cached_greedy_equals_forward
     cfg = prefix_config('mla', dispatch='dropless', jitter=0.0)
     _, scanned = models(cfg)
-    prompt_BP = np.random.default_rng(0).integers(3, cfg.data.vocab_size, (2, 5))
-    tokens, logits = sampling.generate(scanned, prompt_BP, 7, temperature=0.0)
-    want_tokens, want_logits = greedy_without_cache(scanned, prompt_BP, 7)
-    np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
-    np.testing.assert_allclose(np.asarray(logits), want_logits, atol=2e-5, rtol=1e-5)
+    assert_cached_greedy_equals_forward(scanned, cfg, 7)
 
 
 def test_dense_prefix_scanned_on_a_mesh_trains_like_the_unrolled_model_on_one_device():
