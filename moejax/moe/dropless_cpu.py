@@ -91,7 +91,6 @@ def _ffn_bwd(blocks, activate, res, dy_TD):
     x_PD, h_PF, g_PF = saved
     gated = w_gate_EDF is not None
     dy_PD = dy_TD[token_P]
-    acc0 = lambda w: None if w is None else jnp.zeros_like(w, jnp.float32, shape=w.shape[1:])
 
     def expert_fn(e, row, size, carry):
         dx, dgate, dw_in, dw_gate, dw_out = carry
@@ -118,10 +117,10 @@ def _ffn_bwd(blocks, activate, res, dy_TD):
             return dx, dgate, a_in + grouped.t_mm(x_bD, dh_bF), a_gate, a_out
         dx, dgate, a_in, a_gate, a_out = grouped.block_loops(
             row, size, blocks, block_fn,
-            (dx, dgate, acc0(w_in_EDF), acc0(w_gate_EDF), acc0(w_out_EFD)))
-        put_e = lambda dw, a: None if dw is None else jax.lax.dynamic_update_index_in_dim(
-            dw, a.astype(dw.dtype), e, 0)
-        return dx, dgate, put_e(dw_in, a_in), put_e(dw_gate, a_gate), put_e(dw_out, a_out)
+            (dx, dgate, grouped.expert_grad_zeros(w_in_EDF), grouped.expert_grad_zeros(w_gate_EDF),
+             grouped.expert_grad_zeros(w_out_EFD)))
+        return (dx, dgate, grouped.put_expert(dw_in, a_in, e),
+                grouped.put_expert(dw_gate, a_gate, e), grouped.put_expert(dw_out, a_out, e))
     like = lambda w: None if w is None else jnp.zeros_like(w)
     init = (jnp.zeros(x_TD.shape, jnp.float32), jnp.zeros(gate_P.shape, jnp.float32),
             like(w_in_EDF), like(w_gate_EDF), like(w_out_EFD))

@@ -181,6 +181,17 @@ def vary_alike(*arrays):
     return tuple(None if a is None else a + zero.astype(a.dtype) for a in arrays)
 
 
+def expert_grad_zeros(w_EXY):
+    """A float32 accumulator for one expert's slice of w's gradient (None for no weight)."""
+    return None if w_EXY is None else jnp.zeros_like(w_EXY, jnp.float32, shape=w_EXY.shape[1:])
+
+
+def put_expert(dw_EXY, acc_XY, e):
+    """dw with expert e's slice set to the accumulated gradient (None for no weight)."""
+    return None if dw_EXY is None else jax.lax.dynamic_update_index_in_dim(
+        dw_EXY, acc_XY.astype(dw_EXY.dtype), e, 0)
+
+
 def t_mm(a, b):
     """a.T @ b, accumulated in float32."""
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
@@ -231,7 +242,6 @@ def _blocked_ffn_bwd(blocks, activate, res, dy_MD):
     pass; weight gradients accumulate per expert in float32."""
     x_MD, w_in_EDF, w_gate_EDF, w_out_EFD, group_sizes_E, h_MF, g_MF = res
     gated = w_gate_EDF is not None
-    acc0 = lambda w: None if w is None else jnp.zeros_like(w, jnp.float32, shape=w.shape[1:])
 
     def expert_fn(e, row, size, carry):
         dx, dw_in, dw_gate, dw_out = carry
@@ -252,10 +262,11 @@ def _blocked_ffn_bwd(blocks, activate, res, dy_MD):
             return (put_rows(dx, dx_bD, r), a_in + t_mm(x_bD, dh_bF), a_gate,
                     a_out + t_mm(act_bF, dy_bD))
         dx, a_in, a_gate, a_out = block_loops(
-            row, size, blocks, block_fn, (dx, acc0(w_in_EDF), acc0(w_gate_EDF), acc0(w_out_EFD)))
-        put_e = lambda dw, a: None if dw is None else jax.lax.dynamic_update_index_in_dim(
-            dw, a.astype(dw.dtype), e, 0)
-        return dx, put_e(dw_in, a_in), put_e(dw_gate, a_gate), put_e(dw_out, a_out)
+            row, size, blocks, block_fn,
+            (dx, expert_grad_zeros(w_in_EDF), expert_grad_zeros(w_gate_EDF),
+             expert_grad_zeros(w_out_EFD)))
+        return (dx, put_expert(dw_in, a_in, e), put_expert(dw_gate, a_gate, e),
+                put_expert(dw_out, a_out, e))
     like = lambda w: None if w is None else jnp.zeros_like(w)
     init = (like(x_MD), like(w_in_EDF), like(w_gate_EDF), like(w_out_EFD))
     dx, dw_in, dw_gate, dw_out = expert_loop(group_sizes_E, expert_fn, init)
