@@ -122,3 +122,18 @@ def compile_cache(tmp_path_factory):
     one at a time, so no two tests write it at once; trained_tiny_run does not use it, so
     resumed runs are also compared across compilations."""
     return str(tmp_path_factory.getbasetemp() / 'moejax_compile_cache')
+
+
+# The modules that take longest on the 2-core CI machine (seconds of test time, measured), run
+# first: xdist hands a worker a whole module at a time (--dist loadscope), so a long module
+# handed out last leaves the other worker idle until it ends. The rest follow in file order.
+LONGEST_FIRST = ('test_transformer', 'test_expert_parallel', 'test_hf_convert', 'test_guards',
+                 'test_saved_run', 'test_block', 'test_notebooks', 'test_dry_run',
+                 'test_benchmarks', 'test_multihost', 'test_sampling', 'test_attention',
+                 'test_workdir', 'test_checkpoint', 'test_sharding', 'test_dispatch',
+                 'test_config', 'test_routing', 'test_mla')
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
