@@ -56,9 +56,13 @@ def test_old_configs_load_with_todays_routing(tmp_path):
     assert loaded.moe.capacity_rule == 'gshard'
 
 
-@pytest.mark.parametrize('text', ['{"model": {"d_model": 3', '', '[1, 2]', '\xff\xfe garbage'])
-@pytest.mark.parametrize('script,args', [('eval', ()), ('generate', ('--prompt=x',)),
-                                         ('analyze', ('--text=x',))])
+CORRUPT = ['{"model": {"d_model": 3', '', '[1, 2]', '\xff\xfe garbage']
+
+
+# Every kind of damage through one reader, and each other reader once: they read config.json
+# through the same from_json (each case is a process, ~2 s).
+@pytest.mark.parametrize('script,args,text', [('eval', (), text) for text in CORRUPT] + [
+    ('generate', ('--prompt=x',), CORRUPT[0]), ('analyze', ('--text=x',), CORRUPT[3])])
 def test_corrupt_config_json_is_one_line(tmp_path, script, args, text):
     workdir = fake_run(tmp_path / 'run', text)
     proc, seconds = timed(script, f'--workdir={workdir}', *args)
