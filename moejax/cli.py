@@ -99,18 +99,18 @@ def eval_main(argv=None):
 
     def evaluate():
         from moejax import config as config_lib
+        cfg = FLAGS.config
+        saved = os.path.join(FLAGS.workdir, 'config.json')
+        if cfg is None and not FLAGS.tokens:
+            if not os.path.exists(saved):
+                raise ConfigError('--config', None, f'is required: {saved} does not exist')
+            cfg = config_lib.from_json(saved)  # a damaged file fails here, before slow imports
         from moejax.readers import evaluation
         if FLAGS.tokens:
             result = evaluation.evaluate_tokens(FLAGS.workdir, FLAGS.tokens, FLAGS.step,
                                                 FLAGS.out_dir)
             print(evaluation.describe(result), flush=True)
             return
-        cfg = FLAGS.config
-        saved = os.path.join(FLAGS.workdir, 'config.json')
-        if cfg is None:
-            if not os.path.exists(saved):
-                raise ConfigError('--config', None, f'is required: {saved} does not exist')
-            cfg = config_lib.from_json(saved)  # a damaged file fails here, before slow imports
         result = evaluation.evaluate_checkpoint(cfg, FLAGS.workdir, FLAGS.split, FLAGS.step,
                                                 FLAGS.out_dir)
         print(evaluation.describe(result), flush=True)
@@ -191,11 +191,11 @@ def forward_main(argv=None):
     _parse_run_flags(argv or sys.argv)
 
     def forward():
+        if not FLAGS.tokens:
+            raise ConfigError('--tokens', FLAGS.tokens, 'is required: a .npy file of token ids')
         import jax
 
         from moejax.readers import saved_run
-        if not FLAGS.tokens:
-            raise ConfigError('--tokens', FLAGS.tokens, 'is required: a .npy file of token ids')
         saved_run.check_workdir(FLAGS.workdir)
         # Everything is checked before the weights are read: the config says vocab and max_len.
         cfg = saved_run.run_config(FLAGS.workdir, dtype='float32')

@@ -9,7 +9,6 @@ import os
 import ml_collections
 
 from moejax.errors import ConfigError
-from moejax.sharding import MESH_AXES
 
 
 def get(cfg, key: str):
@@ -79,6 +78,10 @@ def scans_layers(cfg) -> bool:
         return (m.num_layers >= SCAN_MIN_LAYERS and m.num_layers % scan_period(cfg) == 0
                 and not dense_layers(cfg))
     return bool(choice)
+
+
+# The mesh's axes in order: the keys of cfg.mesh (moejax.sharding maps logical names onto them).
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

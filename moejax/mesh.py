@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from moejax import config as config_lib
-from moejax.sharding import MESH_AXES
+from moejax.config import MESH_AXES
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -15,8 +15,6 @@ from jax.sharding import PartitionSpec as P
 # so building a layer or a block alone needs no mesh.
 nnx.use_eager_sharding(False)
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
-
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 # Parameter names first, then activation names (prefixed 'act_' where they differ from the
 # parameter they meet, so that e.g. a weight's 'embed' can be fsdp-sharded while the

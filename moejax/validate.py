@@ -13,7 +13,6 @@ from moejax.config import require as _require
 from moejax.data import text_files, tokenizer
 from moejax.model import attention, mla, transformer
 from moejax.moe import dispatch, expert_parallel, experts, routing
-from moejax.sharding import MESH_AXES
 
 CHOICES = {
     'model.dtype': tuple(transformer.DTYPES),
@@ -232,7 +231,7 @@ def _check_kinds(cfg):
 
 
 def _check_mesh(cfg, num_devices):
-    sizes = {a: get(cfg, f'mesh.{a}') for a in MESH_AXES}
+    sizes = {a: get(cfg, f'mesh.{a}') for a in config_lib.MESH_AXES}
     for axis, size in sizes.items():
         _require(is_int(size) and (size >= 1 or size == -1), f'mesh.{axis}', size,
                  'must be an integer >= 1, or -1 for the remaining devices')

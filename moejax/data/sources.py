@@ -1,17 +1,19 @@
 """Open any corpus as `Documents`: python_stdlib (stdlib_corpus.py), text_files (text_files.py),
 or a registered TFDS dataset already prepared in data_dir (read as an array_record data source;
 nothing is downloaded at run time).
-"""
-import tensorflow_datasets as tfds
 
+tensorflow_datasets (which stdlib_corpus imports) is imported only where a builder is looked up,
+built or read: its 0.2 s would otherwise delay every command's start, config errors included.
+"""
 from moejax import errors
-from moejax.data import corpus, stdlib_corpus, text_files
+from moejax.data import corpus, text_files
 from moejax.data.corpus import Documents
 from moejax.errors import ConfigError
 
 
 def check_tfds_name(name: str) -> None:
     """ConfigError unless name is a registered TFDS dataset (config/version suffixes allowed)."""
+    import tensorflow_datasets as tfds
     base = name.split('/')[0].split(':')[0]
     try:
         tfds.builder_cls(base)
@@ -20,8 +22,12 @@ def check_tfds_name(name: str) -> None:
                           'TFDS dataset name (e.g. lm1b) prepared in data.data_dir') from None
 
 
-def tfds_builder(cfg) -> tfds.core.DatasetBuilder:
-    """The prepared builder for cfg.data.name (python_stdlib is prepared here on first use)."""
+def tfds_builder(cfg):
+    """The prepared TFDS builder for cfg.data.name (python_stdlib is prepared here on first
+    use)."""
+    import tensorflow_datasets as tfds
+
+    from moejax.data import stdlib_corpus  # also turns TFDS's progress bars off, for any dataset
     name = cfg.data.name
     if name == 'python_stdlib':
         return stdlib_corpus.prepared_stdlib_builder(cfg)
@@ -71,7 +77,7 @@ def open_tfds(cfg, split: str) -> Documents:
                           f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
     fetch = lambda indices: [_record_text(r, text_key) for r in source.__getitems__(indices)]
     # The stdlib corpus is named by its content's digest: caches built from another never apply.
-    name = f'python_stdlib-{stdlib_corpus.stdlib_manifest().digest[:16]}' \
+    name = f'python_stdlib-{_stdlib_digest()[:16]}' \
         if cfg.data.name == 'python_stdlib' else builder.info.full_name.replace('/', '-')
     return Documents(name + '-' + text_key.replace('/', '.'), len(source), fetch)
 
@@ -87,7 +93,12 @@ def describe(cfg) -> str:
     """The corpus in a few words, for the start banner (python_stdlib: with its digest)."""
     d = cfg.data
     if d.name == 'python_stdlib':
-        return f'python_stdlib (digest {stdlib_corpus.stdlib_manifest().digest[:16]})'
+        return f'python_stdlib (digest {_stdlib_digest()[:16]})'
     if d.name == 'text_files':
         return f'text_files {d.text_glob!r} (a document per {d.text_format[:-1]})'
     return f'TFDS {d.name}'
+
+
+def _stdlib_digest() -> str:
+    from moejax.data import stdlib_corpus
+    return stdlib_corpus.stdlib_manifest().digest

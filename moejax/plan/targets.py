@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh
 
 from moejax import errors, target, xla_flags
+from moejax.config import MESH_AXES
 from moejax.errors import ConfigError
-from moejax.sharding import MESH_AXES
 
 # GPU facts beyond target.CHIPS that XLA's GPU compiler reads (from the vendors' spec sheets).
 GPU_SPECS = {

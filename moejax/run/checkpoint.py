@@ -22,7 +22,6 @@ import warnings
 import zlib
 
 import jax
-import orbax.checkpoint as ocp
 
 from moejax.errors import ConfigError
 
@@ -168,6 +167,7 @@ class Checkpointer:
         self._in_flight = None  # the step of the last save, until it is known to have finished
         self.failed = None  # the SaveError already reported, if any
         self.protected = set()  # steps rotation must keep (see protect)
+        import orbax.checkpoint as ocp  # 0.15 s: imported where checkpoints are read or written
         async_options = ocp.AsyncOptions(post_finalization_callback=self._before_commit) \
             if async_save else None
         policies = ocp.checkpoint_managers
@@ -197,6 +197,7 @@ class Checkpointer:
             return False
         self.wait()  # one save in flight: _saving names it
         self._saving = self._in_flight = step
+        import orbax.checkpoint as ocp
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state))
         try:
@@ -308,6 +309,7 @@ class Checkpointer:
         return state, saved_step
 
     def _restore(self, abstract_state, step: int):
+        import orbax.checkpoint as ocp
         verify_digest(os.path.join(self.directory, str(step)))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=ocp.args.JsonRestore())
@@ -315,6 +317,7 @@ class Checkpointer:
         return restored['state'], dict(restored['data']), step
 
     def _restore_parts(self, abstract_parts: dict, step: int):
+        import orbax.checkpoint as ocp
         verify_digest(os.path.join(self.directory, str(step)))
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_parts)
         args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
