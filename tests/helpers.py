@@ -53,6 +53,17 @@ def route(logits, *, k, mask=None, **conv):
     return router(logits, mask, train=False, rng=None)
 
 
+def jitted(method: str = '__call__', **fixed):
+    """module.method(*args, **kwargs, **fixed) as one compiled program, the module an argument
+    (nnx.jit: its state updates come back). Eager, JAX compiles each primitive on its own: the
+    tiny Transformer's forward compiles in 3.9 s so, 0.74 s whole. `fixed` holds the Python
+    values (train=False) that must stay static. A fresh jit per call of jitted(): its trace
+    cache then never outlives a test's mock.patch or decisions.record. Keep it to reuse the
+    program (one per input shape)."""
+    return nnx.jit(lambda module, *args, **kwargs: getattr(module, method)(*args, **kwargs,
+                                                                           **fixed))
+
+
 def cli_env(cache_dir=None) -> dict:
     """A command's environment: 8 CPU devices (beside the session's XLA_FLAGS, conftest.py),
     unbuffered output, and (cache_dir) a persistent XLA cache that keeps even the smallest
