@@ -50,7 +50,7 @@ def route(logits, *, k, mask=None, **conv):
     router = routing.Router(logits.shape[-1], moe_cfg(num_experts=logits.shape[-1], top_k=k,
                                                       **conv), rngs=nnx.Rngs(0))
     router.w_DE[...] = jnp.eye(logits.shape[-1])
-    return router(logits, mask, train=False, rng=None)
+    return jitted(train=False, rng=None)(router, logits, mask)
 
 
 def jitted(method: str = '__call__', **fixed):
