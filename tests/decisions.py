@@ -95,6 +95,12 @@ class Recorder:
             'layouts may round it either way; give this test inputs with a clear margin')
 
 
+def on_host(fn, *arrays) -> None:
+    """jax.debug.callback(fn, *arrays), fn given NumPy arrays: the callback hands it jax.Arrays,
+    and every JAX op on those would be compiled on its own (hundreds in one layout test)."""
+    jax.debug.callback(lambda *values: fn(*map(np.asarray, values)), *arrays)
+
+
 def _record_top_k(recorder, capacity, original):
     def top_k_routing(logits_GSE, mask_GS, top_k, *, balance='aux_loss', bias_E=None,
                       conv=routing.Conventions(), seq_len=0):
@@ -109,7 +115,7 @@ def _record_top_k(recorder, capacity, original):
                 recorder.add('priority', priority_margin(expert, priority, mask, capacity))
 
         priority = route.priority_GS if route.priority_GS is not None else select_GSE[..., 0]
-        jax.debug.callback(host, select_GSE, route.expert_GSK, priority, mask_GS)
+        on_host(host, select_GSE, route.expert_GSK, priority, mask_GS)
         return route
     return top_k_routing
 
@@ -118,8 +124,8 @@ def _record_noisy_top_k(recorder, original):
     def noisy_top_k_routing(clean_GSE, noise_std_GSE, eps_GSE, mask_GS, top_k, **kw):
         route = original(clean_GSE, noise_std_GSE, eps_GSE, mask_GS, top_k, **kw)
         noisy_GSE = clean_GSE if eps_GSE is None else clean_GSE + eps_GSE * noise_std_GSE
-        jax.debug.callback(lambda noisy, mask: recorder.add('top-k', topk_margin(
-            noisy, mask, top_k)), noisy_GSE, mask_GS)
+        on_host(lambda noisy, mask: recorder.add('top-k', topk_margin(noisy, mask, top_k)),
+                noisy_GSE, mask_GS)
         return route
     return noisy_top_k_routing
 
@@ -127,10 +133,8 @@ def _record_noisy_top_k(recorder, original):
 def _record_expert_choice(recorder, original):
     def expert_choice_routing(logits_GSE, mask_GS, capacity_per_expert):
         route = original(logits_GSE, mask_GS, capacity_per_expert)
-        jax.debug.callback(
-            lambda probs, mask: recorder.add('expert-choice', expert_choice_margin(
-                probs, mask, capacity_per_expert)),
-            jax.nn.softmax(logits_GSE, axis=-1), mask_GS)
+        on_host(lambda probs, mask: recorder.add('expert-choice', expert_choice_margin(
+            probs, mask, capacity_per_expert)), jax.nn.softmax(logits_GSE, axis=-1), mask_GS)
         return route
     return expert_choice_routing
 

@@ -50,7 +50,18 @@ def route(logits, *, k, mask=None, **conv):
     router = routing.Router(logits.shape[-1], moe_cfg(num_experts=logits.shape[-1], top_k=k,
                                                       **conv), rngs=nnx.Rngs(0))
     router.w_DE[...] = jnp.eye(logits.shape[-1])
-    return router(logits, mask, train=False, rng=None)
+    return jitted(train=False, rng=None)(router, logits, mask)
+
+
+def jitted(method: str = '__call__', **fixed):
+    """module.method(*args, **kwargs, **fixed) as one compiled program, the module an argument
+    (nnx.jit: its state updates come back). Eager, JAX compiles every primitive on its own (the
+    tiny Transformer's forward: 3.9 s eager, 0.74 s jitted). `fixed`: the Python values that
+    must stay static (train=False). A fresh jit per call of jitted(), so that no trace outlives
+    a test's mock.patch or decisions.record; keep the result to reuse its programs (one per
+    input shape)."""
+    return nnx.jit(lambda module, *args, **kwargs: getattr(module, method)(*args, **kwargs,
+                                                                           **fixed))
 
 
 def cli_env(cache_dir=None) -> dict:

@@ -19,6 +19,7 @@ from moejax.readers import analysis
 from tests.helpers import (
     assert_usage_error,
     fake_run,
+    jitted,
     load_records,
     run_cli,
     timed,
@@ -42,18 +43,19 @@ def hand_top1(model, ids_T, bias_E=None):
     seg_BT, pos_BT = jnp.ones_like(ids_BT), jnp.arange(len(ids_T))[None]
     x = np.asarray(model.embed.table_VD[...])[ids_T][None]
     experts = []
+    call, moe = jitted(), jitted(train=False)
     for block in model.blocks:
-        x = x + block.attn(block.attn_norm(jnp.asarray(x)), seg_BT, pos_BT)
-        h = block.ffn_norm(x)
+        x = x + call(block.attn, call(block.attn_norm, jnp.asarray(x)), seg_BT, pos_BT)
+        h = call(block.ffn_norm, x)
         if isinstance(block.ffn, MoEBlock):
             w_DE = np.asarray(block.ffn.router.w_DE[...], np.float64)
             logits = np.asarray(h[0], np.float64) @ w_DE
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             experts.append((probs + (0 if bias_E is None else bias_E)).argmax(-1))
-            y, _ = block.ffn(h, seg_BT, train=False)
+            y, _ = moe(block.ffn, h, seg_BT)
         else:
-            y = block.ffn(h)
+            y = call(block.ffn, h)
         x = x + y
     return np.stack(experts)
 

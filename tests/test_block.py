@@ -17,7 +17,7 @@ from moejax.moe.block import MoEBlock
 from moejax.run import evaluate, loop, metrics
 from moejax.run import state as state_lib
 from moejax.run import step as step_lib
-from tests.helpers import tiny_config
+from tests.helpers import jitted, tiny_config
 
 
 def test_moe_block_with_one_expert_equals_dense_ffn():
@@ -29,8 +29,8 @@ def test_moe_block_with_one_expert_equals_dense_ffn():
     dense.w_in_DF[...] = block.w_in_EDF[...][0]
     dense.w_out_FD[...] = block.w_out_EFD[...][0]
     x = jax.random.normal(jax.random.key(2), (2, 8, cfg.model.d_model))
-    y, stats = block(x, jnp.ones((2, 8), jnp.int32), train=False)
-    np.testing.assert_allclose(y, dense(x), atol=1e-5)
+    y, stats = jitted(train=False)(block, x, jnp.ones((2, 8), jnp.int32))
+    np.testing.assert_allclose(y, jitted()(dense, x), atol=1e-5)
     assert float(stats['dropped_fraction']) == 0.0
 
 
@@ -142,7 +142,7 @@ def test_capacity_factor_zero_drops_nothing():
         cfg = tiny_config(d_model=32, d_ff=64, num_experts=4, top_k=2, dispatch=dispatch_name,
                           capacity_factor=cf, eval_capacity_factor=cf)
         block = MoEBlock(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
-        outputs[name] = [block(x_BTD, seg_BT, train=t) for t in (True, False)]
+        outputs[name] = [jitted(train=t)(block, x_BTD, seg_BT) for t in (True, False)]
     for name in ('zero', 'negative'):
         for (y, stats), (y_ref, _) in zip(outputs[name], outputs['dropless']):
             assert float(stats['dropped_fraction']) == 0.0

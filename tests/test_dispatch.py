@@ -82,6 +82,12 @@ def run(x, mask, routing, w, *, engine, capacity):
     return D.dispatch_combine(x, mask, routing, w, engine=engine, capacity=capacity)
 
 
+# Compiled whole, as run is (eager, JAX compiles each primitive on its own).
+sorted_slots = jax.jit(D._sorted_slots, static_argnums=(2, 3))
+left_behind = jax.jit(D.tokens_left_behind, static_argnames=('engine', 'capacity', 'num_experts'))
+choose = jax.jit(expert_choice_routing, static_argnums=2)
+
+
 @pytest.mark.parametrize('engine', ['einsum', 'sort'])
 @pytest.mark.parametrize('k', [1, 2])
 @pytest.mark.parametrize('swiglu', [False, True])
@@ -170,7 +176,7 @@ def np_expert_choice_reference(x, mask, token, gate, w):
 def test_expert_choice_through_each_engine(swiglu):
     x, mask, _, _ = make_token_choice(5, 1)
     logits = np.random.default_rng(5).normal(size=(G, S, E)).astype(np.float32)
-    routing = expert_choice_routing(jnp.asarray(logits), jnp.asarray(mask), 7)  # > real tokens
+    routing = choose(jnp.asarray(logits), jnp.asarray(mask), 7)  # > real tokens
     token, gate = np.asarray(routing.token_GEC), np.asarray(routing.gate_GEC)
     assert not mask[1][token[1]].all()  # some slots hold padding (gate 0)
     routing = routing._replace(gate_GEC=jnp.asarray(gate + 0.3 * (gate > 0)))  # gates matter
@@ -226,7 +232,7 @@ def test_one_expert_with_gate_one_is_a_plain_ffn(engine, swiglu):
 def test_expert_ffn_shapes_and_dtype():
     w = make_weights(6, True)
     x_ECD = jax.random.normal(jax.random.key(0), (E, 3, DM), jnp.bfloat16)
-    y_ECD = experts.expert_ffn(w, x_ECD)
+    y_ECD = jax.jit(experts.expert_ffn)(w, x_ECD)
     assert y_ECD.shape == (E, 3, DM) and y_ECD.dtype == jnp.bfloat16
     x, mask, expert, gate = make_token_choice(8, 2)
     for engine in ENGINES:
@@ -317,15 +323,19 @@ def buffers_of(engine, routing, capacity, num_experts=4):
     from the buffers an engine hands to the experts (x = one-hot token ids)."""
     g, s = routing.expert_GSK.shape[:2]
     x_GSD = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32), (g, s, s))
-    seen = []
 
-    def recording_experts(w, x_GECD):
-        seen.append(np.asarray(x_GECD))
-        return jnp.zeros_like(x_GECD)
-    w = experts.ExpertWeights(jnp.zeros((num_experts, s, 1)), None, jnp.zeros((num_experts, 1, s)))
-    D.dispatch_combine(x_GSD, None, routing, w, engine=engine, capacity=capacity,
-                       experts=recording_experts, num_experts=num_experts)
-    x_GECS = seen[0]
+    def handed_to_experts(routing):  # compiled whole: the buffers come back as its output
+        seen = []
+
+        def recording_experts(w, x_GECD):
+            seen.append(x_GECD)
+            return jnp.zeros_like(x_GECD)
+        w = experts.ExpertWeights(jnp.zeros((num_experts, s, 1)), None,
+                                  jnp.zeros((num_experts, 1, s)))
+        D.dispatch_combine(x_GSD, None, routing, w, engine=engine, capacity=capacity,
+                           experts=recording_experts, num_experts=num_experts)
+        return seen[0]
+    x_GECS = np.asarray(jax.jit(handed_to_experts)(routing))
     return np.where(x_GECS.sum(-1) > 0, x_GECS.argmax(-1), -1)
 
 
@@ -349,8 +359,8 @@ def test_flaxformer_batch_prioritized_slots(k, bpr):
     r = route(flaxformer_logits(TOP1), k=k, gate_norm='raw', batch_prioritized=bpr)
     want = np.asarray(FLAXFORMER_SLOTS[(k, bpr)])
     np.testing.assert_array_equal(r.expert_GSK, want[..., 0])
-    pos_GSK, keep_GSK, *_ = D._sorted_slots(r.expert_GSK, jnp.ones((2, 4), bool), 4, 2,
-                                            r.priority_GS)
+    pos_GSK, keep_GSK, *_ = sorted_slots(r.expert_GSK, jnp.ones((2, 4), bool), 4, 2,
+                                         r.priority_GS)
     np.testing.assert_array_equal(pos_GSK, want[..., 1])
     np.testing.assert_array_equal(keep_GSK, want[..., 1] < 2)
     for engine in ('einsum', 'sort'):
@@ -369,7 +379,7 @@ def test_batch_priority_is_per_group_and_ignores_padding():
     r = route(logits, k=1, mask=mask, batch_prioritized=True)
     assert r.expert_GSK[0, 1, 0] == 0 and (r.expert_GSK.ravel() == 1).sum() == 7
     routing = r._replace(expert_GSK=jnp.ones_like(r.expert_GSK))  # all to expert 1 of 2
-    _, keep_GSK, *_ = D._sorted_slots(routing.expert_GSK, mask, 2, 2, r.priority_GS)
+    _, keep_GSK, *_ = sorted_slots(routing.expert_GSK, mask, 2, 2, r.priority_GS)
     # group 0 real scores (top-1 prob): t0 .8, t1 .9, t3 .7 -> t1, t0 kept; group 1: t2 .9, t3 .65
     np.testing.assert_array_equal(keep_GSK[..., 0], [[1, 1, 0, 0], [0, 0, 1, 1]])
 
@@ -384,17 +394,17 @@ def test_dropped_assignments_and_tokens_left_behind_hand_example():
     w = experts.ExpertWeights(jnp.ones((2, 3, 5)), None, jnp.ones((2, 5, 3)))
     x = jnp.ones((1, 4, 3))
     for engine in ('einsum', 'sort'):
-        _, dropped = D.dispatch_combine(x, mask, r, w, engine=engine, capacity=1)
+        _, dropped = run(x, mask, r, w, engine=engine, capacity=1)
         np.testing.assert_allclose(dropped, 4 / 6, rtol=1e-6)
-        left = D.tokens_left_behind(mask, r, engine=engine, capacity=1, num_experts=2)
+        left = left_behind(mask, r, engine=engine, capacity=1, num_experts=2)
         np.testing.assert_allclose(left, 2 / 3, rtol=1e-6)
-    assert float(D.tokens_left_behind(mask, r, engine='dropless', capacity=1, num_experts=2)) == 0
+    assert float(left_behind(mask, r, engine='dropless', capacity=1, num_experts=2)) == 0
     # Batch priority t2 > t1 > t0: t2 takes both slots instead; still 2 of 3 left behind.
     bpr = r._replace(priority_GS=jnp.asarray([[0.1, 0.2, 0.3, 0.9]]))
-    _, keep, *_ = D._sorted_slots(expert, mask, 2, 1, bpr.priority_GS)
+    _, keep, *_ = sorted_slots(expert, mask, 2, 1, bpr.priority_GS)
     np.testing.assert_array_equal(keep, [[[0, 0], [0, 0], [1, 1], [0, 0]]])
-    np.testing.assert_allclose(D.tokens_left_behind(mask, bpr, engine='sort', capacity=1,
-                                                    num_experts=2), 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose(left_behind(mask, bpr, engine='sort', capacity=1,
+                                           num_experts=2), 2 / 3, rtol=1e-6)
 
 
 def test_tokens_left_behind_under_expert_choice():
@@ -403,11 +413,10 @@ def test_tokens_left_behind_under_expert_choice():
     logits = jnp.log(jnp.asarray([[[.5, .5], [.6, .4], [.45, .55]]]))
     probs = jax.nn.softmax(logits, -1)
     assert probs[0, 1, 0] > probs[0, 0, 0] and probs[0, 2, 1] > probs[0, 0, 1]
-    r = expert_choice_routing(logits, jnp.ones((1, 3), bool), 1)  # t1 for e0, t2 for e1
-    left = D.tokens_left_behind(jnp.ones((1, 3), bool), r, engine='sort', capacity=1,
-                                num_experts=2)
+    r = choose(logits, jnp.ones((1, 3), bool), 1)  # t1 for e0, t2 for e1
+    left = left_behind(jnp.ones((1, 3), bool), r, engine='sort', capacity=1, num_experts=2)
     np.testing.assert_allclose(left, 1 / 3, rtol=1e-6)
     mask = jnp.asarray([[True, True, False]])
-    r = expert_choice_routing(logits, mask, 1)  # e1 then takes t0 (t2 is padding)
-    np.testing.assert_allclose(D.tokens_left_behind(mask, r, engine='sort', capacity=1,
-                                                    num_experts=2), 0.0, atol=1e-7)
+    r = choose(logits, mask, 1)  # e1 then takes t0 (t2 is padding)
+    np.testing.assert_allclose(left_behind(mask, r, engine='sort', capacity=1, num_experts=2),
+                               0.0, atol=1e-7)

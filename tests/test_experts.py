@@ -12,7 +12,7 @@ from moejax.errors import ConfigError
 from moejax.moe import dispatch, experts, grouped
 from moejax.moe.block import MoEBlock
 from moejax.moe.routing import TokenChoice
-from tests.helpers import tiny_config
+from tests.helpers import jitted, tiny_config
 
 nnx.use_eager_sharding(False)
 
@@ -97,17 +97,17 @@ def test_ffn_convention_matches_numpy(gated):
     for e in range(2):
         want = np_ffn_and_grads(np.asarray(x[e], np.float64), *(
             None if a is None else np.asarray(a[e], np.float64) for a in w), probe)[0]
-        one = experts.ffn(jnp.asarray(x[e]), *(None if a is None else a[e] for a in w))
+        one = jax.jit(experts.ffn)(jnp.asarray(x[e]), *(None if a is None else a[e] for a in w))
         np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(experts.batched_ffn(w, jnp.asarray(x))[e], want, rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(jax.jit(experts.batched_ffn)(w, jnp.asarray(x))[e], want,
+                                   rtol=1e-5, atol=1e-6)
     mlp = experts.MLP(D, F, 'swiglu' if gated else 'gelu', rngs=nnx.Rngs(params=0))
     mlp.w_in_DF[...], mlp.w_out_FD[...] = w.w_in_EDF[0], w.w_out_EFD[0]
     if gated:
         mlp.w_gate_DF[...] = w.w_gate_EDF[0]
     want = np_ffn_and_grads(np.asarray(x[0], np.float64), *(
         None if a is None else np.asarray(a[0], np.float64) for a in w), probe)[0]
-    np.testing.assert_allclose(mlp(jnp.asarray(x[:1]))[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jitted()(mlp, jnp.asarray(x[:1]))[0], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -181,8 +181,8 @@ def test_dense_mlp_equals_a_one_expert_moe(engine, activation):
     if activation == 'swiglu':
         block.w_gate_EDF[...] = dense.w_gate_DF[...][None]
     x = jax.random.normal(jax.random.key(2), (2, 8, cfg.model.d_model))
-    y, stats = block(x, jnp.ones((2, 8), jnp.int32), train=False)
-    np.testing.assert_allclose(y, dense(x), rtol=1e-5, atol=1e-5)
+    y, stats = jitted(train=False)(block, x, jnp.ones((2, 8), jnp.int32))
+    np.testing.assert_allclose(y, jitted()(dense, x), rtol=1e-5, atol=1e-5)
     assert float(stats['dropped_fraction']) == 0.0
 
 
@@ -216,4 +216,4 @@ def test_dense_ffn_matches_numpy():
     w_in, w_gate, w_out = (np.asarray(v[...]) for v in (mlp.w_in_DF, mlp.w_gate_DF, mlp.w_out_FD))
     gate = x @ w_gate
     expected = (gate / (1 + np.exp(-gate)) * (x @ w_in)) @ w_out
-    np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jitted()(mlp, jnp.asarray(x)), expected, rtol=1e-4, atol=1e-5)

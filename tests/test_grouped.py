@@ -110,7 +110,8 @@ def test_sorted_layout_groups_pairs_by_expert(block):
     expert = rng.integers(0, num_experts, n).astype(np.int32)
     expert[expert == 3] = 1  # an expert with no pairs
     valid = rng.random(n) < 0.8
-    lay = grouped.sorted_layout(jnp.asarray(expert), jnp.asarray(valid), num_experts, block)
+    lay = jax.jit(grouped.sorted_layout, static_argnums=(2, 3))(
+        jnp.asarray(expert), jnp.asarray(valid), num_experts, block)
     row, pair, filled, sizes = (np.asarray(a) for a in lay)
     counts = np.bincount(expert[valid], minlength=num_experts)
     np.testing.assert_array_equal(sizes, -(-counts // block) * block)

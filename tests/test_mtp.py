@@ -5,6 +5,8 @@ DeepSeek-V3 section 2.2 writes it, one document at a time on its shortened seque
 masking tricks): depth k at position i combines RMSNorm(Emb(t_{i+k})) and RMSNorm(h^{k-1}_i),
 projects, runs one block and predicts t_{i+k+1} with the shared head.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from flax import nnx
 from moejax import validate
 from moejax.run import evaluate as evaluate_lib
 from moejax.run import step as step_lib
-from tests.helpers import tiny_config
+from tests.helpers import jitted, tiny_config
 from tests.layouts import assert_same_training, make_config, run
 from tests.test_mla import rms, rotate
 
@@ -100,20 +102,21 @@ def test_mtp_losses_match_numpy_per_document():
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.state(model).to_pure_dict())
     want_main, want_depths = numpy_losses(p, batch, cfg.model)
     jb = jax.tree.map(jnp.asarray, batch)
-    logits, stats, heads = model.forward_with_mtp(jb['inputs'], jb['segment_ids'],
-                                                  jb['positions'], jb['targets'])
+    logits, stats, heads = jitted('forward_with_mtp')(model, jb['inputs'], jb['segment_ids'],
+                                                      jb['positions'], jb['targets'])
     tokens = jnp.float32(np.sum(batch['segment_ids'] > 0))
-    parts = dict(step_lib.loss_parts(logits, jb, stats, tokens),
-                 **step_lib.mtp_parts(heads, tokens, 0.3))
+    parts = dict(jax.jit(step_lib.loss_parts)(logits, jb, stats, tokens),
+                 **jax.jit(step_lib.mtp_parts)(heads, tokens, 0.3))
     np.testing.assert_allclose(parts['ce_loss'], want_main, rtol=1e-5)
     for k in range(DEPTH):
         np.testing.assert_allclose(parts[f'mtp_loss_{k + 1}'], want_depths[k], rtol=1e-5)
     np.testing.assert_allclose(parts['mtp_loss'], 0.3 / DEPTH * want_depths.sum(), rtol=1e-5)
-    total = step_lib.total_loss(parts, cfg.moe)
+    total = jax.jit(functools.partial(step_lib.total_loss, moe_cfg=cfg.moe))(parts)
     np.testing.assert_allclose(total, want_main + 0.3 / DEPTH * want_depths.sum(), rtol=1e-5)
     # Evaluation reports the next-token loss alone.
     graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-    sums = evaluate_lib.eval_step(graphdef, params, extra, jb, jnp.ones(cfg.data.vocab_size))
+    sums = jax.jit(functools.partial(evaluate_lib.eval_step, graphdef))(
+        params, extra, jb, jnp.ones(cfg.data.vocab_size))
     np.testing.assert_allclose(sums['nll'] / sums['tokens'], want_main, rtol=1e-5)
 
 

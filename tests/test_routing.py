@@ -1,4 +1,5 @@
 """Routers against hand-written NumPy references (loops), on tiny shapes."""
+import functools
 import math
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 from flax import nnx
 
 from moejax.moe import routing as R
-from tests.helpers import moe_cfg, route
+from tests.helpers import jitted, moe_cfg, route
 
 nnx.use_eager_sharding(False)
 
@@ -75,7 +76,7 @@ MASK = np.array([[True, True, True, False], [True, True, True, True]])
 @pytest.mark.parametrize('k', [1, 2])
 def test_top_k_assignments_gates_and_losses(k):
     router = identity_router(top_k=k)
-    out = router(jnp.asarray(LOGITS), jnp.asarray(MASK), train=True, rng=None)
+    out = jitted(train=True, rng=None)(router, jnp.asarray(LOGITS), jnp.asarray(MASK))
     expert, gate = np_top_k_reference(LOGITS.astype(np.float64), MASK, k)
     real = MASK[..., None].repeat(k, -1)
     np.testing.assert_array_equal(np.asarray(out.expert_GSK)[real], expert[real])
@@ -94,7 +95,7 @@ def test_top1_hand_computed_example():
     # One group, 2 tokens, 2 experts, logits chosen so the numbers are easy to check by hand.
     logits = np.array([[[math.log(3.0), 0.0], [0.0, 0.0]]], np.float32)
     router = identity_router(num_experts=2)
-    out = router(jnp.asarray(logits), jnp.ones((1, 2), bool), train=False, rng=None)
+    out = jitted(train=False, rng=None)(router, jnp.asarray(logits), jnp.ones((1, 2), bool))
     # token 0: probs (3/4, 1/4) -> expert 0, gate 3/4; token 1: (1/2, 1/2) -> tie, expert 0.
     np.testing.assert_array_equal(out.expert_GSK[0, :, 0], [0, 0])
     np.testing.assert_allclose(out.gate_GSK[0, :, 0], [0.75, 0.5], rtol=1e-6)
@@ -113,8 +114,9 @@ def test_masked_tokens_get_nothing_and_do_not_count(router_kind):
     router = identity_router(router=router_kind, top_k=2)
     x = jnp.asarray(LOGITS)
     other = x.at[0, 3].set(jnp.array([9.0, -9.0, 5.0, 0.0]))  # change only the padding token
-    a = router(x, jnp.asarray(MASK), train=False, rng=None, capacity=2)
-    b = router(other, jnp.asarray(MASK), train=False, rng=None, capacity=2)
+    call = jitted(train=False, rng=None, capacity=2)
+    a = call(router, x, jnp.asarray(MASK))
+    b = call(router, other, jnp.asarray(MASK))
     for name in ('aux_loss', 'z_loss'):
         np.testing.assert_allclose(a.losses[name], b.losses[name], rtol=1e-6)
     for name in ('expert_load', 'router_entropy', 'top1_prob'):
@@ -130,16 +132,16 @@ def test_masked_tokens_get_nothing_and_do_not_count(router_kind):
 
 def test_expert_choice_and_soft_have_z_loss_but_no_aux_loss():
     for kind in ('expert_choice', 'soft'):
-        out = identity_router(router=kind)(jnp.asarray(LOGITS), jnp.asarray(MASK), train=True,
-                                           rng=None, capacity=2)
+        out = jitted(train=True, rng=None, capacity=2)(identity_router(router=kind),
+                                                       jnp.asarray(LOGITS), jnp.asarray(MASK))
         _, z = np_aux_and_z(LOGITS.astype(np.float64), MASK, np.zeros((2, 4, 1), int), 1)
         assert float(out.losses['aux_loss']) == 0.0
         np.testing.assert_allclose(out.losses['z_loss'], z, rtol=1e-5)
 
 
 def test_soft_gates_are_probs():
-    out = identity_router(router='soft')(jnp.asarray(LOGITS), jnp.asarray(MASK), train=True,
-                                         rng=None)
+    out = jitted(train=True, rng=None)(identity_router(router='soft'), jnp.asarray(LOGITS),
+                                       jnp.asarray(MASK))
     for g in range(2):
         for s in range(4):
             want = np_softmax(LOGITS[g, s].astype(np.float64)) * MASK[g, s]
@@ -156,13 +158,14 @@ def test_noise_off_at_eval_and_on_in_training(kind):
     x = jax.random.normal(jax.random.key(0), (2, 16, 6))
     mask = jnp.ones((2, 16), bool)
     key = jax.random.key(3)
-    ref = clean(x, mask, train=False, rng=None)
-    for out in (router(x, mask, train=False, rng=key), router(x, mask, train=False, rng=key),
-                router(x, mask, train=True, rng=None)):
+    evaluate, train = jitted(train=False), jitted(train=True)
+    ref = evaluate(clean, x, mask, rng=None)
+    for out in (evaluate(router, x, mask, rng=key), evaluate(router, x, mask, rng=key),
+                train(router, x, mask, rng=None)):
         np.testing.assert_array_equal(out.expert_GSK, ref.expert_GSK)
         np.testing.assert_allclose(out.gate_GSK, ref.gate_GSK, rtol=1e-6)
-    a = router(x, mask, train=True, rng=key)
-    b = router(x, mask, train=True, rng=jax.random.key(4))
+    a = train(router, x, mask, rng=key)
+    b = train(router, x, mask, rng=jax.random.key(4))
     assert not np.allclose(a.gate_GSK, ref.gate_GSK)
     assert not np.allclose(a.gate_GSK, b.gate_GSK)
 
@@ -198,8 +201,8 @@ def test_noisy_top_k_matches_reference_given_the_noise():
     std = np.log1p(np.exp(rng.normal(size=(2, 5, 6))))
     eps = rng.normal(size=(2, 5, 6))
     mask = np.array([[True] * 5, [True, True, True, False, False]])
-    out = R.noisy_top_k_routing(*(jnp.asarray(v, jnp.float32) for v in (clean, std, eps)),
-                                jnp.asarray(mask), 2)
+    out = jax.jit(R.noisy_top_k_routing, static_argnums=4)(
+        *(jnp.asarray(v, jnp.float32) for v in (clean, std, eps)), jnp.asarray(mask), 2)
     expert, gate, loss = np_noisy_top_k_reference(clean, std, eps, mask, 2)
     np.testing.assert_array_equal(np.asarray(out.expert_GSK)[mask], expert[mask])
     np.testing.assert_allclose(out.gate_GSK, gate, atol=1e-6)
@@ -213,7 +216,8 @@ def test_expert_choice_picks_each_experts_top_c_tokens():
     mask[1, 5:] = False
     router = identity_router(router='expert_choice', top_k=2)
     for c in (4, 8, 9):  # 9: clipped to S=8
-        out = router(jnp.asarray(logits), jnp.asarray(mask), train=True, rng=None, capacity=c)
+        out = jitted(train=True, rng=None, capacity=c)(router, jnp.asarray(logits),
+                                                       jnp.asarray(mask))
         c = min(c, 8)
         assert out.token_GEC.shape == (2, 4, c)
         for g in range(2):
@@ -280,7 +284,7 @@ def test_router_param_metadata_and_grad():
         out = r(x, mask, train=True, rng=jax.random.key(1))
         assert out.gate_GSK.dtype == jnp.float32
         return out.losses['aux_loss'] + out.losses['z_loss'] + jnp.sum(out.gate_GSK ** 2)
-    grads = nnx.grad(loss)(router)
+    grads = nnx.jit(nnx.grad(loss))(router)
     assert np.all(np.isfinite(grads.w_DE[...])) and np.any(grads.w_DE[...] != 0)
     assert np.any(grads.w_noise_DE[...] != 0)
 
@@ -294,9 +298,10 @@ def test_sequence_wise_balance_loss_is_deepseek_v3s_per_sequence_formula():
     logits_GSE = jnp.asarray(rng.normal(size=(B * T // 4, 4, E)), jnp.float32)
     mask = np.ones((B, T), bool)
     mask[1, 5:] = False  # padding at the end of a row
-    route = R.top_k_routing(logits_GSE, jnp.asarray(mask.reshape(-1, 4)), K,
-                                  balance='bias', conv=R.Conventions(score_fn='sigmoid'),
-                                  seq_len=T)
+    top_k = functools.partial(R.top_k_routing, top_k=K, balance='bias',
+                              conv=R.Conventions(score_fn='sigmoid'))
+    route = jax.jit(functools.partial(top_k, seq_len=T))(logits_GSE,
+                                                         jnp.asarray(mask.reshape(-1, 4)))
     s = 1 / (1 + np.exp(-np.asarray(logits_GSE, np.float64).reshape(B, T, E)))
     chosen = np.asarray(route.expert_GSK).reshape(B, T, K)
     losses = []
@@ -306,8 +311,7 @@ def test_sequence_wise_balance_loss_is_deepseek_v3s_per_sequence_formula():
         p = (s[b][real] / s[b][real].sum(-1, keepdims=True)).mean(0)
         losses.append(np.sum(f * p))
     np.testing.assert_allclose(route.losses['seq_aux_loss'], np.mean(losses), rtol=1e-5)
-    plain = R.top_k_routing(logits_GSE, jnp.asarray(mask.reshape(-1, 4)), K, balance='bias',
-                                  conv=R.Conventions(score_fn='sigmoid'))
+    plain = jax.jit(top_k)(logits_GSE, jnp.asarray(mask.reshape(-1, 4)))
     assert 'seq_aux_loss' not in plain.losses  # off by default: old runs' losses unchanged
 
 
@@ -376,7 +380,7 @@ def deepseek(logits, bias=None, **overrides):
     router.w_DE[...] = jnp.eye(8)
     if bias is not None:
         router.expert_bias[...] = jnp.asarray(bias, jnp.float32)
-    return router(logits, None, train=False, rng=None)
+    return jitted(train=False, rng=None)(router, logits, None)
 
 
 def logit(p):
@@ -440,10 +444,11 @@ def test_aux_loss_norm_uniform_routing():
     e, s = 4, 8
     probs = jnp.full((1, s, e), 1 / e)
     mask = jnp.ones((1, s), bool)
+    balance_loss = jax.jit(R.load_balancing_loss, static_argnums=3)
     for k in (1, 2, 4):
         expert = jnp.asarray([[[(t + j) % e for j in range(k)] for t in range(s)]])
-        assert float(R.load_balancing_loss(probs, expert, mask)) == pytest.approx(1.0)
-        assert float(R.load_balancing_loss(probs, expert, mask, 'tokens')) == pytest.approx(k)
+        assert float(balance_loss(probs, expert, mask)) == pytest.approx(1.0)
+        assert float(balance_loss(probs, expert, mask, 'tokens')) == pytest.approx(k)
 
 
 def test_aux_loss_norm_hand_values_through_the_router():

@@ -18,7 +18,7 @@ from moejax.errors import ConfigError
 from moejax.readers import saved_run
 from moejax.run import checkpoint as checkpoint_lib
 from moejax.run import state as state_lib
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import jitted, run_cli, tiny_config
 
 
 def full_restore(workdir: str, step: int | None = None):
@@ -38,8 +38,8 @@ def reference_logits(workdir: str, ids_BT: np.ndarray, step: int | None = None) 
     setup, state, _ = full_restore(workdir, step)
     model = nnx.merge(setup.graphdef, state.params, state.extra)
     B, T = ids_BT.shape
-    logits_BTV, _ = model(jnp.asarray(ids_BT), jnp.ones((B, T), jnp.int32),
-                          jnp.broadcast_to(jnp.arange(T), (B, T)), train=False)
+    logits_BTV, _ = jitted(train=False)(model, jnp.asarray(ids_BT), jnp.ones((B, T), jnp.int32),
+                                        jnp.broadcast_to(jnp.arange(T), (B, T)))
     return np.asarray(logits_BTV)
 
 
@@ -100,8 +100,8 @@ def direct_logits(cfg, state, ids_BT) -> np.ndarray:
     model = nnx.merge(state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh)).graphdef,
                       state.params, state.extra)
     B, T = ids_BT.shape
-    return np.asarray(model(jnp.asarray(ids_BT), jnp.ones((B, T), jnp.int32),
-                            jnp.broadcast_to(jnp.arange(T), (B, T)), train=False)[0])
+    return np.asarray(jitted(train=False)(model, jnp.asarray(ids_BT), jnp.ones((B, T), jnp.int32),
+                                          jnp.broadcast_to(jnp.arange(T), (B, T)))[0])
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from moejax.model import transformer as model_lib
 from moejax.run import loop
 from moejax.run import step as step_lib
 from tests import decisions
-from tests.helpers import tiny_config
+from tests.helpers import jitted, tiny_config
 from tests.layouts import assert_same_training, make_config, run
 from tests.test_mla import MLA_KEYS
 
@@ -41,10 +41,11 @@ def test_model_is_causal(router):
     model = make_model(cfg)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.data.vocab_size, (2, 16))
-    logits, _ = model(*batch_of(ids))
+    forward = jitted()
+    logits, _ = forward(model, *batch_of(ids))
     changed = ids.copy()
     changed[:, 9] = (changed[:, 9] + 7) % cfg.data.vocab_size
-    logits2, _ = model(*batch_of(changed))
+    logits2, _ = forward(model, *batch_of(changed))
     np.testing.assert_allclose(logits[:, :9], logits2[:, :9], atol=1e-5)
     assert not np.allclose(logits[:, 9:], logits2[:, 9:], atol=1e-3)
 
@@ -58,8 +59,9 @@ def test_packed_documents_do_not_see_each_other():
     packed = np.concatenate([doc_a, doc_b])[None]
     seg = np.array([[1] * 6 + [2] * 10])
     pos = np.concatenate([np.arange(6), np.arange(10)])[None]
-    logits, _ = model(jnp.asarray(packed), jnp.asarray(seg), jnp.asarray(pos))
-    alone, _ = model(*batch_of(doc_b[None]))
+    forward = jitted()
+    logits, _ = forward(model, jnp.asarray(packed), jnp.asarray(seg), jnp.asarray(pos))
+    alone, _ = forward(model, *batch_of(doc_b[None]))
     np.testing.assert_allclose(logits[0, 6:], alone[0], atol=1e-5)
 
 
@@ -68,7 +70,7 @@ def test_attention_padding_rows_are_finite():
     model = make_model(cfg)
     ids, seg, pos = batch_of(np.full((1, 8), 5))
     seg = seg.at[:, 5:].set(0)
-    logits, _ = model(ids, seg, pos)
+    logits, _ = jitted()(model, ids, seg, pos)
     assert np.isfinite(np.asarray(logits)).all()
 
 
@@ -214,11 +216,12 @@ def test_scanned_cached_decoding_equals_unrolled(dense_layers, attention):
     ids_BT = jax.random.randint(jax.random.key(2), (2, 8), 3, cfg.data.vocab_size)
     out = []
     for model in (unrolled, scanned):
+        extend = jitted('extend')  # one program for the prefill, one for every step
         cache = model.init_cache(2, 12)
-        logits, cache = model.extend(ids_BT[:, :6], cache, 0)
+        logits, cache = extend(model, ids_BT[:, :6], cache, 0)
         steps = [logits]
         for t in (6, 7):
-            logits, cache = model.extend(ids_BT[:, t:t + 1], cache, t)
+            logits, cache = extend(model, ids_BT[:, t:t + 1], cache, t)
             steps.append(logits)
         out.append(jnp.concatenate(steps, axis=1))
     np.testing.assert_allclose(out[1], out[0], atol=1e-5)
