@@ -174,10 +174,10 @@ def test_all_checkpoints_damaged_is_refused_unless_restart(trained_tiny_run, dat
 # ---------------------------------------------------------------------- a failed save
 
 def _small_filesystem(path) -> str:
-    """'tmpfs' if a 1.6 MB tmpfs could be mounted at path (root), else 'rlimit'."""
+    """'tmpfs' if a 1 MB tmpfs could be mounted at path (root), else 'rlimit'."""
     os.makedirs(path)
     if os.geteuid() == 0 and shutil.which('mount'):
-        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1600k', 'tmpfs', str(path)],
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1000k', 'tmpfs', str(path)],
                               capture_output=True)
         if done.returncode == 0:
             return 'tmpfs'
@@ -185,10 +185,10 @@ def _small_filesystem(path) -> str:
 
 
 def _limit_file_size():
-    """Fault injection where no tmpfs can be mounted: a file larger than 200 kB fails with
-    EFBIG (SIGXFSZ ignored), as the checkpoint's data file does."""
+    """Fault injection where no tmpfs can be mounted: a file larger than 100 kB fails with
+    EFBIG (SIGXFSZ ignored), as the largest data file of every checkpoint (130-180 kB) does."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
 
 @pytest.mark.slow
@@ -198,8 +198,8 @@ def test_full_disk_gives_one_summary_line(data_dir, compile_cache, tmp_path):
     workdir = os.path.join(mount, 'run')
     try:
         if kind == 'tmpfs':
-            # 1.6 MB hold about one checkpoint (step 5) beside the logs; whether it fits varies
-            # by a few kB from run to run, so the one line must name what is on disk.
+            # 1 MB holds one checkpoint (step 5: 0.65 MB) beside the logs, not two; whether it
+            # fits varies by a few kB from run to run, so the one line must name what is on disk.
             result = train(workdir, data_dir, compile_cache)
             reason = 'No space left on device'
         else:  # without the compile cache, whose new entries the limit would refuse too

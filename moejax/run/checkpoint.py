@@ -11,6 +11,7 @@ other reason (a config it does not fit) is left in place and the run refuses to 
 that fails (a full disk) ends in one summary line naming the last good checkpoint.
 """
 import errno
+import functools
 import glob
 import json
 import logging
@@ -151,6 +152,27 @@ def _one_line(err: Exception, limit: int = 200) -> str:
     return f'{type(err).__name__}: {text[:limit]}'
 
 
+@functools.cache
+def _whole_shards_on_cpu() -> None:
+    """On CPU every device is the host's own memory, so Orbax's replica-parallel saving (its
+    default except on GPU) gains no bandwidth: it slices each replicated array into one piece
+    per device, every shape a program compiled on its own. There one replica writes each shard
+    whole, as on GPU: the same arrays restore, bit for bit. The tiny run on 8 CPU devices: 5
+    compiles instead of 85 (1.3 s less), checkpoints of 0.59 MB instead of 1.3-1.7 MB."""
+    if jax.default_backend() != 'cpu':
+        return
+    import orbax.checkpoint as ocp
+    # Orbax's default jax.Array handler, but for replica-parallel, replaced without a warning
+    # (register_type_handler logs one, which would reach the user): both only in _src.
+    from orbax.checkpoint._src.metadata.array_metadata_store import Store
+    from orbax.checkpoint._src.serialization.type_handler_registry import (
+        GLOBAL_TYPE_HANDLER_REGISTRY,
+    )
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=Store())
+    GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True, ignore_warnings=True)
+
+
 class Checkpointer:
     """Save/restore (state, data position) by step.
 
@@ -168,6 +190,7 @@ class Checkpointer:
         self.failed = None  # the SaveError already reported, if any
         self.protected = set()  # steps rotation must keep (see protect)
         import orbax.checkpoint as ocp  # 0.15 s: imported where checkpoints are read or written
+        _whole_shards_on_cpu()
         async_options = ocp.AsyncOptions(post_finalization_callback=self._before_commit) \
             if async_save else None
         policies = ocp.checkpoint_managers
