@@ -161,9 +161,9 @@ def _whole_shards_on_cpu() -> None:
     compiles instead of 85 (1.3 s less), checkpoints of 0.59 MB instead of 1.3-1.7 MB."""
     if jax.default_backend() != 'cpu':
         return
-    import orbax.checkpoint as ocp
     # Orbax's default jax.Array handler, but for replica-parallel, replaced without a warning
     # (register_type_handler logs one, which would reach the user): both only in _src.
+    import orbax.checkpoint as ocp
     from orbax.checkpoint._src.metadata.array_metadata_store import Store
     from orbax.checkpoint._src.serialization.type_handler_registry import (
         GLOBAL_TYPE_HANDLER_REGISTRY,
