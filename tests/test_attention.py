@@ -4,8 +4,7 @@ Truth is float64 NumPy softmax attention with layers' mask (same non-padding seg
 and GQA, with its gradients written out by hand. Inputs pack several documents per row with
 padding (segment 0), at lengths that are not a multiple of the block size.
 """
-import json
-import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,10 @@ from jax.sharding import PartitionSpec as P
 from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention
+from moejax.run import metrics
 from tests.helpers import run_cli, tiny_config
 from tests.layouts import assert_same_training, make_config, one_device, run
+from tests.runs import COMMAND
 
 B, T, H, J, K = 2, 21, 4, 2, 8
 
@@ -217,16 +218,16 @@ def test_chunked_model_under_mesh_matches_one_device():
 
 
 @pytest.mark.slow
-def test_cli_chunked_logs_the_same_losses_as_xla(data_dir, tmp_path):
-    """Blocks of 8 over rows of 30 tokens: four blocks, the last one ragged."""
-    losses = {}
-    for impl in ('xla', 'chunked'):
-        workdir = str(tmp_path / impl)
-        result = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
-                         f'--config.model.attention={impl}', '--config.model.attention_block=8',
-                         '--config.data.seq_len=30', f'--config.data.data_dir={data_dir}')
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-            losses[impl] = [json.loads(line)['loss'] for line in f if '"loss"' in line]
-    assert len(losses['xla']) >= 5
-    np.testing.assert_allclose(losses['chunked'], losses['xla'], rtol=1e-5)
+def test_cli_chunked_logs_the_same_losses_as_xla(trained_tiny_run, data_dir, tmp_path):
+    """The attention keys reach the model from the command line: blocks of 8 over rows of 32
+    tokens log the losses of trained_tiny_run (XLA attention, the same command otherwise). A
+    ragged last block is checked in process (test_matches_numpy_reference)."""
+    workdir = tmp_path / 'chunked'
+    result = run_cli('train', *COMMAND, f'--workdir={workdir}',
+                     '--config.model.attention=chunked', '--config.model.attention_block=8',
+                     f'--config.data.data_dir={data_dir}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {run: [r['loss'] for r in metrics.read_jsonl(str(run / 'metrics.jsonl'))
+                    if 'loss' in r] for run in (workdir, pathlib.Path(trained_tiny_run))}
+    assert len(losses[workdir]) == 10
+    np.testing.assert_allclose(*losses.values(), rtol=1e-5)

@@ -66,7 +66,7 @@ def test_double_sigint_exits_130_and_the_run_resumes_exactly(trained_tiny_run, d
                                                              compile_cache, tmp_path):
     workdir = str(tmp_path / 'run')
     codes = []
-    for attempt in range(5):
+    for attempt in range(3):  # training, setup or compilation, training
         proc = start(workdir, data_dir, compile_cache)
         if attempt % 2:  # during setup or compilation
             time.sleep(2 + attempt)
