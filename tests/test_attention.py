@@ -4,8 +4,6 @@ Truth is float64 NumPy softmax attention with layers' mask (same non-padding seg
 and GQA, with its gradients written out by hand. Inputs pack several documents per row with
 padding (segment 0), at lengths that are not a multiple of the block size.
 """
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +14,9 @@ from jax.sharding import PartitionSpec as P
 from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention
-from moejax.run import metrics
 from tests.helpers import run_cli, tiny_config
 from tests.layouts import assert_same_training, make_config, one_device, run
-from tests.runs import COMMAND
+from tests.runs import COMMAND, train_records
 
 B, T, H, J, K = 2, 21, 4, 2, 8
 
@@ -222,12 +219,11 @@ def test_cli_chunked_logs_the_same_losses_as_xla(trained_tiny_run, data_dir, tmp
     """The attention keys reach the model from the command line: blocks of 8 over rows of 32
     tokens log the losses of trained_tiny_run (XLA attention, the same command otherwise). A
     ragged last block is checked in process (test_matches_numpy_reference)."""
-    workdir = tmp_path / 'chunked'
+    workdir = str(tmp_path / 'chunked')
     result = run_cli('train', *COMMAND, f'--workdir={workdir}',
                      '--config.model.attention=chunked', '--config.model.attention_block=8',
                      f'--config.data.data_dir={data_dir}')
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = {run: [r['loss'] for r in metrics.read_jsonl(str(run / 'metrics.jsonl'))
-                    if 'loss' in r] for run in (workdir, pathlib.Path(trained_tiny_run))}
-    assert len(losses[workdir]) == 10
-    np.testing.assert_allclose(*losses.values(), rtol=1e-5)
+    chunked, xla = ([r['loss'] for r in train_records(run)] for run in (workdir, trained_tiny_run))
+    assert len(chunked) == 10
+    np.testing.assert_allclose(chunked, xla, rtol=1e-5)

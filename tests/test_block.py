@@ -61,8 +61,9 @@ def train_briefly(cfg, data_dir, *, evaluate_after=False):
         batch = state_lib.global_batch(setup, batches[i])
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics['ce_loss']))
-    sums = eval_fn(state.params, state.extra, batch, jnp.ones(cfg.data.vocab_size)) \
-        if evaluate_after else None
+    sums = None
+    if evaluate_after:
+        sums = eval_fn(state.params, state.extra, batch, jnp.ones(cfg.data.vocab_size))
     return np.array(losses), jax.device_get(metrics), jax.device_get(sums)
 
 
