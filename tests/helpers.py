@@ -17,6 +17,7 @@ from flax import nnx
 
 from configs import default
 from moejax.moe import routing
+from tests import launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = '--config=configs/default.py:tiny'
@@ -78,10 +79,11 @@ def cli_env(cache_dir=None) -> dict:
 
 
 def run_cli(script: str, *args, env=None, timeout=600):
-    """Run launch/<script>.py in a fresh process with 8 CPU devices; returns CompletedProcess."""
+    """Run launch/<script>.py in a process of its own (tests/launcher.py) with 8 CPU devices;
+    returns CompletedProcess."""
     cmd = [sys.executable, os.path.join(REPO, 'launch', f'{script}.py'), *args]
-    return subprocess.run(cmd, cwd=REPO, env=dict(cli_env(), **(env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    return launcher.run(cmd, cwd=REPO, env=dict(cli_env(), **(env or {})), capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def train_command(workdir, *args) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 
+from tests import launcher
 from tests.helpers import REPO, TINY, cli_env, train_command
 
 NUM_STEPS = 10  # configs/default.py:tiny's
@@ -31,13 +32,13 @@ def command(workdir, data_dir, *extra):
 
 
 def train(workdir, data_dir, cache_dir, *extra, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command(workdir, data_dir, *extra), cwd=REPO, env=cli_env(cache_dir),
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return launcher.run(command(workdir, data_dir, *extra), cwd=REPO, env=cli_env(cache_dir),
+                        capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def start(workdir, data_dir, cache_dir, *extra) -> subprocess.Popen:
-    return subprocess.Popen(command(workdir, data_dir, *extra), cwd=REPO, env=cli_env(cache_dir),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(workdir, data_dir, cache_dir, *extra) -> launcher.Forked:
+    return launcher.Popen(command(workdir, data_dir, *extra), cwd=REPO, env=cli_env(cache_dir),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def read_until(proc, predicate) -> list[str]:
@@ -69,22 +70,22 @@ def train_records(workdir) -> list[dict]:
 
 
 def run_training(workdir, data_dir, *extra, cache_dir=None) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(workdir, *EVERY_2, f'--config.data.data_dir={data_dir}',
-                                        *extra),
-                          cwd=REPO, env=cli_env(cache_dir), capture_output=True, text=True,
-                          timeout=300)
+    return launcher.run(train_command(workdir, *EVERY_2, f'--config.data.data_dir={data_dir}',
+                                      *extra),
+                        cwd=REPO, env=cli_env(cache_dir), capture_output=True, text=True,
+                        timeout=300)
 
 
-def start_training(workdir, data_dir, stderr_path, cache_dir) -> subprocess.Popen:
+def start_training(workdir, data_dir, stderr_path, cache_dir) -> launcher.Forked:
     """A training process whose stdout we read line by line (stderr to a file: no deadlock)."""
     with open(stderr_path, 'a') as stderr:
-        return subprocess.Popen(train_command(workdir, *EVERY_2,
-                                              f'--config.data.data_dir={data_dir}'),
-                                cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)
+        return launcher.Popen(train_command(workdir, *EVERY_2,
+                                            f'--config.data.data_dir={data_dir}'),
+                              cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE,
+                              stderr=stderr, text=True)
 
 
-def read_until_step(proc: subprocess.Popen, step: int, seen: list) -> bool:
+def read_until_step(proc: launcher.Forked, step: int, seen: list) -> bool:
     """Read stdout until a progress line for `step` or later; False if the process ended."""
     for line in proc.stdout:
         seen.append(line)

@@ -2,12 +2,12 @@
 finished run the command that extends it (issue 29)."""
 import shlex
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from moejax.data import stdlib_corpus
+from tests import launcher
 from tests.helpers import REPO, cli_env
 from tests.runs import train, train_records
 
@@ -36,8 +36,8 @@ def test_a_finished_run_says_so_and_names_the_command_that_extends_it(trained_ti
     command = shlex.split(lines[-1][len(finished_line):])
     assert command[:2] == ['python', 'launch/train.py'] and command[-1] == \
         '--config.train.num_steps=20'
-    extended = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=cli_env(compile_cache),
-                              capture_output=True, text=True, timeout=300)
+    extended = launcher.run([sys.executable, *command[1:]], cwd=REPO, env=cli_env(compile_cache),
+                            capture_output=True, text=True, timeout=300)
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert f'moejax: training configs/default.py:tiny with 3 override(s) in {workdir} ' \
            '(resuming from step 10)' in extended.stdout.splitlines()

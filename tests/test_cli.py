@@ -1,11 +1,11 @@
 """The commands' entry points (moejax/cli.py): the flags a command parses itself are refused in
 one line (exit 2)."""
 import os
-import subprocess
 import sys
 
 import pytest
 
+from tests import launcher
 from tests.helpers import REPO, assert_usage_error, fake_run, timed
 
 TINY = '--config=configs/default.py:tiny'
@@ -13,10 +13,10 @@ TINY = '--config=configs/default.py:tiny'
 
 @pytest.mark.parametrize('memory', ['1.2.3GB', '1e400'])
 def test_plan_device_memory_that_is_no_size_is_one_line(memory):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'plan.py'), TINY,
-                           '--devices=8', f'--device_memory={memory}'], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-                          text=True, timeout=120)
+    proc = launcher.run([sys.executable, os.path.join(REPO, 'launch', 'plan.py'), TINY,
+                         '--devices=8', f'--device_memory={memory}'], cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                        text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines == [
         f"moejax: error: --device_memory='{memory}': must be a finite size like 80GB, 80GiB or "

@@ -13,6 +13,7 @@ import pytest
 
 from configs import deepseek_v3_671b, mixtral_8x7b, switch_base_8, switch_base_128
 from moejax.model import transformer as model_lib
+from tests import launcher
 from tests.helpers import REPO
 
 
@@ -33,8 +34,8 @@ def plan_via_cli(*args, timeout=900):
              if not f.startswith('--xla_force_host_platform_device_count')]
     env = dict(os.environ, XLA_FLAGS=' '.join(flags))  # the command simulates its own devices
     cmd = [sys.executable, os.path.join(REPO, 'launch', 'train.py'), '--dry_run', *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PLATFORMS='cpu'),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launcher.Popen(cmd, cwd=REPO, env=dict(env, JAX_PLATFORMS='cpu'),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     lines = [line for line in out.splitlines() if line.startswith('{')]

@@ -26,7 +26,7 @@ from moejax.hf import convert, staging
 from moejax.readers import evaluation, saved_run
 from moejax.run import loop
 from moejax.run import workdir as workdir_lib
-from tests import decisions
+from tests import decisions, launcher
 from tests.helpers import REPO, cli_env, mounted_tmpfs, run_cli, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf')
@@ -462,8 +462,8 @@ def test_a_full_disk_during_an_import_is_one_line_and_leaves_nothing(tmp_path):
 def test_two_imports_into_one_new_workdir_leave_one_whole_run(imported, tmp_path):
     workdir = tmp_path / 'w'
     command = convert_command(f'--from_hf={fixture("mixtral")}', f'--workdir={workdir}')
-    procs = [subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [launcher.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
     done = sorted((p.wait(timeout=300), p.communicate()[1]) for p in procs)
     assert [code for code, _ in done] == [0, 2], done
     loser = done[1][1].strip().splitlines()
@@ -494,8 +494,8 @@ def partial_contents(parent) -> list[set]:
 
 def run_until(command: list[str], parent, moment: str) -> None:
     """Run command; kill -9 it as soon as a temporary in parent shows the moment."""
-    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = launcher.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if any(MOMENTS[moment](names) for names in partial_contents(parent)):
@@ -517,8 +517,8 @@ def kill_at_each_moment_then_finish(command_to, parent) -> list[str]:
         if os.path.isdir(target) and set(os.listdir(target)) - {workdir_lib.LOCK}:
             results.append(target)
             target = next(targets)  # a result is never written over: start anew
-    final = subprocess.run(command_to(target), cwd=REPO, env=cli_env(), capture_output=True,
-                           text=True, timeout=300)
+    final = launcher.run(command_to(target), cwd=REPO, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
     assert not leftovers(parent)
     return results + [target]

@@ -17,6 +17,7 @@ import pytest
 from configs import default
 from moejax.hf import convert
 from moejax.run import workdir as workdir_lib
+from tests import launcher
 from tests.helpers import REPO, cli_env, snapshot, tiny_config, train_command
 from tests.runs import error_lines, read_until, start, train, train_records
 
@@ -73,9 +74,9 @@ def test_restart_of_an_imported_run_is_refused_before_anything_moves(tmp_path):
     base.data.data_dir = str(tmp_path / 'data')
     convert.import_hf(FIXTURE, workdir, base)
     before = snapshot(workdir)
-    proc = subprocess.run(train_command(workdir, f'--config=configs/saved.py:{workdir}',
-                                        '--restart'),
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = launcher.run(train_command(workdir, f'--config=configs/saved.py:{workdir}',
+                                      '--restart'),
+                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert 'data.tokenizer_path' in lines[0] and 'nothing was moved' in lines[0]
