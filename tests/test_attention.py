@@ -216,12 +216,13 @@ def test_chunked_model_under_mesh_matches_one_device():
 
 @pytest.mark.slow
 def test_cli_chunked_logs_the_same_losses_as_xla(trained_tiny_run, data_dir, tmp_path):
-    """The attention keys reach the model from the command line: blocks of 8 over rows of 32
-    tokens log the losses of trained_tiny_run (XLA attention, the same command otherwise). A
-    ragged last block is checked in process (test_matches_numpy_reference)."""
+    """The attention keys reach the model from the command line: blocks of 16 over rows of 32
+    tokens (two query blocks, the second reading two key blocks) log the losses of
+    trained_tiny_run (XLA attention, the same command otherwise). More blocks and a ragged
+    last one are checked in process (test_matches_numpy_reference)."""
     workdir = str(tmp_path / 'chunked')
     result = run_cli('train', *COMMAND, f'--workdir={workdir}',
-                     '--config.model.attention=chunked', '--config.model.attention_block=8',
+                     '--config.model.attention=chunked', '--config.model.attention_block=16',
                      f'--config.data.data_dir={data_dir}')
     assert result.returncode == 0, result.stderr[-3000:]
     chunked, xla = ([r['loss'] for r in train_records(run)] for run in (workdir, trained_tiny_run))
