@@ -1,7 +1,7 @@
 """Train-step speed of an MoE config against its dense counterpart: step time, tokens/s, MFU.
 
 COMMAND: python benchmarks/train_step.py [--config=configs/default.py]
-             [--dense=configs/default.py:dense] [--engines=sort,dropless,einsum] [--steps=10]
+             [--dense=CONFIG,dense] [--engines=sort,dropless,einsum] [--steps=10]
              [--grouped_matmul=auto]
 GPU:     python benchmarks/train_step.py --config=configs/moe_1b.py --dense=configs/moe_1b.py:dense
 Each model runs the real jitted train_step (moejax.run.step) on synthetic batches (uniform random
@@ -40,7 +40,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', default='configs/default.py')
-    p.add_argument('--dense', default=None, help='dense counterpart (default: CONFIG:dense)')
+    p.add_argument('--dense', default=None, help='dense counterpart (default: CONFIG with its '
+                   'variants and dense, e.g. configs/default.py:tiny,dense)')
     p.add_argument('--engines', default='', help='MoE dispatch engines (default: the config\'s)')
     p.add_argument('--steps', type=int, default=10, help='timed rounds, one step per model each')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per model (1 compiles)')
@@ -80,11 +81,17 @@ class Model:
         return time.perf_counter() - t0
 
 
+def dense_counterpart(config: str) -> str:
+    """The config with the dense variant added to its own (tiny stays tiny)."""
+    path, _, variants = config.partition(':')
+    return f"{path}:{variants + ',' if variants else ''}dense"
+
+
 def main():
     a = parse_args()
     common.gpu_flags()
     moe_cfg = common.load_config(a.config)
-    dense_cfg = common.load_config(a.dense or f'{a.config.partition(":")[0]}:dense')
+    dense_cfg = common.load_config(a.dense or dense_counterpart(a.config))
     cfgs = {}
     for engine in [e for e in a.engines.split(',') if e] or [moe_cfg.moe.dispatch]:
         cfg = common.load_config(a.config)

@@ -132,9 +132,9 @@ class StackedMoELayer:
     def update_bias(self, expert_load_E) -> None:
         bias = self.stacked.router.expert_bias
         all_LE = bias[...]
-        bias.value = all_LE[self.index]  # MoEBlock.update_bias acts on this layer's row alone
+        bias.set_value(all_LE[self.index])  # MoEBlock.update_bias acts on this layer's row alone
         self.stacked.update_bias(expert_load_E)
-        bias.value = all_LE.at[self.index].set(bias.value)
+        bias.set_value(all_LE.at[self.index].set(bias[...]))
 
 
 class Transformer(nnx.Module):
