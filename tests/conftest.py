@@ -15,10 +15,11 @@ import tempfile
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Each of the ~200 commands the tests start imports JAX, Flax and Orbax afresh. Where bytecode
-# writing is off (PYTHONDONTWRITEBYTECODE, set on some machines) and the install wrote none
-# (uv, by default), every one of them compiled those packages from source: importing jax,
-# flax and optax took 3.8 s instead of 1.4 s. Now the first import writes it; the rest read it.
+# Each interpreter the tests start (a fork server per worker, notebook kernels, the startup
+# checks) imports JAX, Flax and Orbax. Where bytecode writing is off (PYTHONDONTWRITEBYTECODE,
+# set on some machines) and the install wrote none (uv, by default), every one of them compiled
+# those packages from source: importing jax, flax and optax took 3.8 s instead of 1.4 s. Now
+# the first import writes it; the rest read it.
 os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
 sys.dont_write_bytecode = False
 # The tests compile hundreds of tiny programs whose running takes milliseconds: LLVM's

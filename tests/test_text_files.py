@@ -13,7 +13,7 @@ from moejax import data
 from moejax.data import corpus, sources
 from moejax.errors import ConfigError
 from tests.corpora import all_rows, make_cfg, reconstruct, synthetic_documents
-from tests.helpers import TINY, run_cli
+from tests.helpers import run_cli
 
 
 def test_text_files_one_document_per_file(tmp_path):
@@ -76,6 +76,8 @@ def test_empty_split_is_reported(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize('tokenizer,vocab', [('byte', 259), ('sentencepiece', 320)])
 def test_text_files_train_with_either_tokenizer(tmp_path, tokenizer, vocab):
+    """The loss falls; a binary file and a Latin-1 one among the texts: the run trains, and says
+    once what it skipped and what it decoded with replacements."""
     corpus = tmp_path / 'corpus'
     corpus.mkdir()
     rng = np.random.default_rng(0)
@@ -83,6 +85,8 @@ def test_text_files_train_with_either_tokenizer(tmp_path, tokenizer, vocab):
     for i in range(60):
         text = ' '.join(rng.choice(words, 400)) + '\n'
         (corpus / f'doc{i}.txt').write_text(text)
+    (corpus / 'blob.txt').write_bytes(bytes(range(256)) * 4)
+    (corpus / 'latin1.txt').write_bytes('naïve café\n'.encode('latin-1'))
     workdir = tmp_path / 'run'
     proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
                    '--config.data.name=text_files', f'--config.data.text_glob={corpus}/*.txt',
@@ -94,6 +98,9 @@ def test_text_files_train_with_either_tokenizer(tmp_path, tokenizer, vocab):
     losses = [r['loss'] for r in records if 'loss' in r]
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith('moejax: warning')]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert 'skipped 1 binary' in warnings[0] and '1 file(s) are not valid UTF-8' in warnings[0]
 
 
 # --------------------------------------------- small corpora, binary and Latin-1 files
@@ -149,22 +156,3 @@ def test_binary_files_skipped_and_undecodable_counted(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('moejax: warning: ')
     assert 'skipped 1 binary file' in err[0] and '1 file(s) are not valid UTF-8' in err[0]
-
-
-@pytest.mark.slow
-def test_small_text_corpus_with_binary_files_trains(tmp_path):
-    """17 files that all hash into train, a binary file and a Latin-1 one: the run trains, and
-    says once what it skipped and what it decoded with replacements."""
-    directory = tmp_path / 'corpus'
-    small_corpus(directory, 17)
-    (directory / 'blob.txt').write_bytes(bytes(range(256)) * 4)
-    (directory / 'latin1.txt').write_bytes('naïve café\n'.encode('latin-1'))
-    proc = run_cli('train', TINY, f'--workdir={tmp_path / "run"}',
-                   f'--config.data.data_dir={tmp_path / "data"}', '--config.data.name=text_files',
-                   f'--config.data.text_glob={directory}/*.txt', '--config.data.seq_len=16',
-                   '--config.train.num_steps=2', '--config.train.eval_every=2', timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith('moejax: warning')]
-    assert len(warnings) == 1, proc.stderr[-3000:]
-    assert 'skipped 1 binary' in warnings[0] and '1 file(s) are not valid UTF-8' in warnings[0]
-    assert 'eval at step 2' in proc.stdout
