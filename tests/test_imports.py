@@ -1,4 +1,5 @@
-"""The house's shape: no import cycle, and no module imports from a layer above its own.
+"""The house's shape: no import cycle, no module imports from a layer above its own, and no
+module or function past the size limits.
 
 Read from the source with `ast` (function-level imports included: a cycle hidden inside a
 function is still a cycle), so the test needs no import to succeed.
@@ -96,3 +97,31 @@ def test_the_check_sees_a_cycle_and_an_upward_import():
     finally:
         GRAPH.clear()
         GRAPH.update(saved)
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 50  # the house's size limits (docs/design.md)
+
+
+def too_long(path: pathlib.Path) -> list[str]:
+    """A module past MAX_MODULE_LINES, and each function in it past MAX_FUNCTION_LINES."""
+    source = path.read_text()
+    found = [f'{path.name}: {source.count(chr(10))} lines'] if source.count(
+        '\n') > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f'{path.name}: {node.name} has {length} lines')
+    return found
+
+
+def test_modules_and_functions_stay_small():
+    assert [problem for path in MODULES.values() for problem in too_long(path)] == []
+
+
+def test_the_size_check_sees_a_long_module_and_function(tmp_path):
+    body = '\n'.join(f'    x{i} = {i}' for i in range(MAX_FUNCTION_LINES))
+    long = tmp_path / 'long.py'
+    long.write_text(f'def f():\n{body}\n' + '\n' * MAX_MODULE_LINES)
+    assert too_long(long) == [f'long.py: {MAX_MODULE_LINES + MAX_FUNCTION_LINES + 1} lines',
+                              f'long.py: f has {MAX_FUNCTION_LINES + 1} lines']
