@@ -17,16 +17,17 @@ command prints or costs before it runs) is tested with fresh interpreters (test_
 test_usage).
 """
 import atexit
+import builtins
 import io
 import json
 import multiprocessing
 import os
-import runpy
 import signal
 import subprocess
 import sys
 import threading
 import traceback
+import types
 from multiprocessing import forkserver, reduction
 
 PRELOAD = ['tests.launcher', 'moejax.cli', 'moejax.run.loop', 'moejax.run.guards',
@@ -122,7 +123,7 @@ def _child(argv: list, env: dict, cwd: str, fds: list, path: list) -> None:
     sys.stdout = io.TextIOWrapper(io.open(1, 'wb', buffering=0 if unbuffered else -1,
                                           closefd=False), write_through=unbuffered)
     script = os.path.abspath(argv[1])
-    sys.argv = list(argv[1:])
+    sys.argv = list(argv[1:])  # as given; __file__ and sys.path[0] absolute, as Python has them
     sys.path[:] = [os.path.dirname(script), *path]
     os._exit(_run_as_main(script))
 
@@ -130,8 +131,12 @@ def _child(argv: list, env: dict, cwd: str, fds: list, path: list) -> None:
 def _run_as_main(script: str) -> int:
     """Run script as __main__ and end as the interpreter does; the exit status."""
     code = 0
+    main = types.ModuleType('__main__')
+    main.__file__, main.__builtins__ = script, builtins
+    sys.modules['__main__'] = main
     try:
-        runpy.run_path(script, run_name='__main__')
+        with open(script, 'rb') as f:
+            exec(compile(f.read(), script, 'exec'), main.__dict__)
     except SystemExit as err:
         if err.code is None or isinstance(err.code, int):
             code = err.code or 0
