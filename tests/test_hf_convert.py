@@ -133,7 +133,7 @@ def test_export_gives_back_the_published_tensors(family, imported, tmp_path):
 
 def params_of(workdir: str) -> list:
     run = saved_run.open_run(workdir)
-    return jax.tree.leaves(jax.device_get(nnx.state(run.model, nnx.Param).to_pure_dict()))
+    return jax.tree.leaves(jax.device_get(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))))
 
 
 def test_export_then_import_is_bit_exact(imported, tmp_path, data_dir):

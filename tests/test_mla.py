@@ -80,7 +80,7 @@ def module_and_inputs(q_lora_rank=0, **model):
         for t in range(1, 21):
             pos[b, t] = pos[b, t - 1] + 1 if seg[b, t] == seg[b, t - 1] else 0
     x = rng.normal(size=(2, 21, cfg.model.d_model))
-    params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.state(module).to_pure_dict())
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(module)))
     want = numpy_mla(params, x, seg, pos.astype(np.float64), cfg.model) * (seg > 0)[..., None]
     return module, cfg, (jnp.asarray(x, jnp.float32), jnp.asarray(seg), jnp.asarray(pos)), want
 

@@ -99,7 +99,7 @@ def test_mtp_losses_match_numpy_per_document():
     cfg = mtp_config()
     model = model_lib.Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
     batch = packed_batch(cfg.data.vocab_size)
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.state(model).to_pure_dict())
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
     want_main, want_depths = numpy_losses(p, batch, cfg.model)
     jb = jax.tree.map(jnp.asarray, batch)
     logits, stats, heads = jitted('forward_with_mtp')(model, jb['inputs'], jb['segment_ids'],

@@ -86,11 +86,11 @@ def models(cfg, seed=0):
 def assert_layouts_convert(unrolled, scanned, cfg):
     """scanned_params, unrolled_params and unrolled_model map each layout's weights onto the
     other's exactly; returns both pure state dicts."""
-    pure_u, pure_s = nnx.state(unrolled).to_pure_dict(), nnx.state(scanned).to_pure_dict()
+    pure_u, pure_s = nnx.to_pure_dict(nnx.state(unrolled)), nnx.to_pure_dict(nnx.state(scanned))
     jax.tree.map(np.testing.assert_array_equal, model_lib.unrolled_params(pure_s, cfg), pure_u)
     jax.tree.map(np.testing.assert_array_equal, model_lib.scanned_params(pure_u, cfg), pure_s)
     flat = model_lib.unrolled_model(scanned, cfg)
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(flat).to_pure_dict(), pure_u)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(flat)), pure_u)
     return pure_u, pure_s
 
 
@@ -133,7 +133,7 @@ def loss_and_grads(model, cfg, data):
         parts = dict(step_lib.loss_parts(logits, data, stats, tokens), **mtp)
         return step_lib.total_loss(parts, cfg.moe), stats
     (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    return loss, stats, grads.to_pure_dict()
+    return loss, stats, nnx.to_pure_dict(grads)
 
 
 def against_reference(reference, model, cfg, data):
@@ -272,9 +272,9 @@ def test_bias_update_with_a_dense_prefix_moves_each_layers_row():
         assert len(model.moe_blocks()) == 4  # layers 1-3 and the MTP block
         for layer, block in enumerate(model.moe_blocks()):
             block.update_bias(load_LE[layer])
-    pure_u = nnx.state(unrolled).to_pure_dict()
+    pure_u = nnx.to_pure_dict(nnx.state(unrolled))
     jax.tree.map(np.testing.assert_array_equal,
-                 model_lib.unrolled_params(nnx.state(scanned).to_pure_dict(), cfg), pure_u)
+                 model_lib.unrolled_params(nnx.to_pure_dict(nnx.state(scanned)), cfg), pure_u)
     bias_LE = np.stack([pure_u['blocks'][i]['ffn']['router']['expert_bias'] for i in (1, 2, 3)])
     assert len({tuple(row) for row in np.round(bias_LE, 6)}) == 3  # each row moved its own way
 

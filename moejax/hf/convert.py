@@ -57,7 +57,7 @@ def save_step0(cfg, workdir: str, build_params, build_extra=None) -> int:
 
 def _fill(abstract_params, make):
     """abstract_params (an nnx.State) with each leaf replaced by make(key path, abstract leaf)."""
-    pure = abstract_params.to_pure_dict()
+    pure = nnx.to_pure_dict(abstract_params)
     arrays = jax.tree_util.tree_map_with_path(
         lambda path, a: make(tuple(k.key for k in path), a), pure)
     state = jax.tree.map(lambda x: x, abstract_params)
@@ -133,12 +133,12 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None,
     if run.cfg.model.attention_kind == 'mla':
         family = deepseek.FAMILY
         deepseek.check_export(run.cfg)  # refusals come before anything is written
-        params = deepseek.export_state(nnx.state(run.model).to_pure_dict(), run.cfg)
+        params = deepseek.export_state(nnx.to_pure_dict(nnx.state(run.model)), run.cfg)
         all_leaves = (deepseek.leaves(run.cfg) + deepseek.bias_leaves(run.cfg)
                       + deepseek.shared_copies(run.cfg))
     else:
         family = hf_config.export_family(run.cfg)  # refusals come before anything is written
-        params = nnx.state(run.model, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
         all_leaves = hf_weights.leaves(run.cfg, family)
     items = []
     for leaf in all_leaves:
@@ -192,13 +192,13 @@ def upcycle(dense_workdir: str, workdir: str, cfg, step: int | None = None) -> d
     validate.check(cfg, jax.device_count())
     staging.check_target(os.path.abspath(workdir), '--workdir')
     dense = saved_run.open_run(dense_workdir, step, cfg=dense_cfg)
-    flat = upcycled_params(nnx.state(model_lib.unrolled_model(dense.model, dense.cfg),
-                                     nnx.Param).to_pure_dict(), cfg)
+    dense_params = nnx.state(model_lib.unrolled_model(dense.model, dense.cfg), nnx.Param)
+    flat = upcycled_params(nnx.to_pure_dict(dense_params), cfg)
     if config_lib.scans_layers(cfg):
         flat = model_lib.scanned_params(flat, cfg)
 
     def place(abstract):
-        pure = abstract.to_pure_dict()
+        pure = nnx.to_pure_dict(abstract)
         arrays = jax.tree.map(lambda a, v: jax.device_put(np.asarray(v, a.dtype), a.sharding),
                               pure, flat)
         return _fill(abstract, lambda path, a: _path_value(arrays, path))

@@ -303,7 +303,7 @@ def extend_blocks(blocks, x_BTD, cache, start):
 
 
 def scanned_params(unrolled: dict, cfg) -> dict:
-    """An unrolled model's pure state dict (nnx.State.to_pure_dict) in the scanned layout."""
+    """An unrolled model's pure state dict (nnx.to_pure_dict) in the scanned layout."""
     out = {k: v for k, v in unrolled.items() if k != 'blocks'}
     first, n, count = config_lib.scan_layout(cfg)
     if first:
@@ -333,7 +333,7 @@ def unrolled_model(model: Transformer, cfg) -> Transformer:
     flat_cfg.model.scan_layers = False
     flat = nnx.eval_shape(lambda: Transformer(flat_cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(flat)
-    nnx.replace_by_pure_dict(state, unrolled_params(nnx.state(model).to_pure_dict(), cfg))
+    nnx.replace_by_pure_dict(state, unrolled_params(nnx.to_pure_dict(nnx.state(model)), cfg))
     nnx.update(flat, state)
     return flat
 
