@@ -162,6 +162,17 @@ def _run_as_main(script: str) -> int:
     return code & 0xFF
 
 
+def _stdio_fds(target: int, spec) -> tuple:
+    """(our read end or None, the child's fd) for its stdio fd `target`, as subprocess takes
+    `spec`: PIPE, DEVNULL, None (ours), an fd or a file."""
+    if spec == subprocess.PIPE:
+        return os.pipe()
+    if spec == subprocess.DEVNULL:
+        return None, os.open(os.devnull, os.O_RDWR)
+    return None, os.dup(target if spec is None else spec if isinstance(spec, int)
+                        else spec.fileno())
+
+
 class Forked:
     """The part of subprocess.Popen the tests use, for a command forked from the server."""
 
@@ -169,14 +180,8 @@ class Forked:
         self.args = args
         opened, fds = [], []
         for target, spec in ((0, subprocess.DEVNULL), (1, stdout), (2, stderr)):
-            if spec == subprocess.PIPE:
-                read, write = os.pipe()
-                opened.append(os.fdopen(read, 'r' if text else 'rb'))
-            else:
-                write = os.open(os.devnull, os.O_RDWR) if spec == subprocess.DEVNULL else (
-                    os.dup(target if spec is None else spec if isinstance(spec, int)
-                           else spec.fileno()))
-                opened.append(None)
+            read, write = _stdio_fds(target, spec)
+            opened.append(os.fdopen(read, 'r' if text else 'rb') if read is not None else None)
             fds.append(write)
         _, self.stdout, self.stderr = opened
         # daemon: a command a failed test left running is ended when the worker ends, rather

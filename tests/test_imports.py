@@ -105,8 +105,8 @@ MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 50  # the house's size limits (docs/
 def too_long(path: pathlib.Path) -> list[str]:
     """A module past MAX_MODULE_LINES, and each function in it past MAX_FUNCTION_LINES."""
     source = path.read_text()
-    found = [f'{path.name}: {source.count(chr(10))} lines'] if source.count(
-        '\n') > MAX_MODULE_LINES else []
+    lines = source.count('\n')
+    found = [f'{path.name}: {lines} lines'] if lines > MAX_MODULE_LINES else []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
