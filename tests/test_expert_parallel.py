@@ -28,24 +28,21 @@ from tests import layouts as P
 
 DROPLESS = dict(dispatch='dropless', ep_buffer_factor=0.0)  # the worst case: nothing can drop
 
-EP_LAYOUTS = [{'data': 4, 'expert': 2}, {'data': 2, 'expert': 4}, {'expert': 8},
-              {'fsdp': 2, 'expert': 4}, {'data': 2, 'expert': 2, 'tensor': 2}]
+# 1, 2 and 4 experts per device; top-1 GELU experts on data2xexpert4: test_dispatch_engine_...
+EP_LAYOUTS = [({'data': 2, 'expert': 4}, dict(top_k=2, activation='swiglu')), ({'expert': 8}, {}),
+              ({'fsdp': 2, 'expert': 4}, {}), ({'data': 2, 'expert': 2, 'tensor': 2}, {})]
 
 
-@pytest.mark.parametrize('mesh', EP_LAYOUTS, ids=lambda m: 'x'.join(f'{k}{n}' for k, n in m.items()))
-def test_dropless_under_expert_parallelism_trains_like_one_device(mesh):
+@pytest.mark.parametrize('mesh,moe', EP_LAYOUTS, ids=lambda v: '-'.join(
+    f'{k}{n}' for k, n in v.items()) or 'top1')
+def test_dropless_under_expert_parallelism_trains_like_one_device(mesh, moe):
     """Losses, balance terms, gradient norms and loads of 6 steps, and the exchange is really
     the ragged one (the CPU emulation's all-to-all of chunks, not capacity buffers)."""
-    history, hlo, _ = P.run(P.make_config(mesh, **DROPLESS))
-    P.assert_same_training(history, P.one_device(**DROPLESS))
+    moe = dict(DROPLESS, **moe)
+    history, hlo, _ = P.run(P.make_config(mesh, **moe))
+    P.assert_same_training(history, P.one_device(**moe))
     assert 'all-to-all' in hlo
     assert all(h['dropped_fraction'] == 0 for h in history)
-
-
-def test_swiglu_top2_dropless_under_expert_parallelism_trains_like_one_device():
-    moe = dict(DROPLESS, top_k=2, activation='swiglu')
-    history, _, _ = P.run(P.make_config({'data': 2, 'expert': 4}, **moe))
-    P.assert_same_training(history, P.one_device(**moe))
 
 
 @pytest.mark.parametrize('engine,comm', [('einsum', 'gspmd'), ('einsum', 'all_to_all'),

@@ -134,11 +134,11 @@ def test_latent_cache_generation_equals_generation_without_it():
     np.testing.assert_allclose(np.asarray(logits), want_logits, atol=2e-5, rtol=1e-5)
 
 
-# Heads over tensor with experts over expert (GSPMD), and weights over fsdp with the explicit
-# all-to-all: the axes MLA's parameters and activations are split over (tests/test_sharding.py
-# covers the rest of the layouts for the layers MLA shares with standard attention).
-LAYOUTS = [({'data': 2, 'expert': 2, 'tensor': 2}, 'gspmd'),
-           ({'fsdp': 2, 'expert': 4}, 'all_to_all')]
+# The weights (the query LoRA's included) over fsdp with the explicit all-to-all here; heads
+# over tensor in test_transformer's dense-prefix model on a mesh (MLA, MTP); tests/
+# test_sharding.py covers the rest of the layouts for the layers MLA shares with standard
+# attention.
+LAYOUTS = [({'fsdp': 2, 'expert': 4}, 'all_to_all')]
 
 
 @functools.lru_cache(maxsize=None)
