@@ -28,10 +28,10 @@ RUNS = {  # name -> (script, full arguments, smoke arguments)
                   ['--dtype=bfloat16', '--tokens=65536', '--d_model=1024', '--d_ff=2048',
                    '--experts=8', '--top_k=2', '--grouped_matmul=ragged_dot,tokamax'],
                   ['--tokens=256', '--d_model=32', '--d_ff=64', '--experts=4', '--repeats=1',
-                   '--no_scaling', '--grouped_matmul=blocks']),
+                   '--no_scaling', '--engines=sort,dropless', '--grouped_matmul=blocks']),
     'train_step': ('train_step.py',
                    ['--config=configs/moe_1b.py', '--engines=sort,dropless', '--steps=8'],
-                   ['--config=configs/default.py:tiny', '--engines=sort,dropless', '--steps=1',
+                   ['--config=configs/default.py:tiny', '--engines=dropless', '--steps=1',
                     '--warmup=1', '--peak_n=256']),
 }
 
