@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 
 import jax
@@ -166,11 +167,15 @@ def eval_loss(workdir: str, step=None) -> float:
 
 @pytest.mark.slow
 def test_fine_tuning_an_import_lowers_its_loss(imported, tmp_path):
+    """On a small corpus of its own (the import's tokenizer would otherwise encode the whole
+    python_stdlib corpus, ~10M tokens, for 20 steps)."""
     workdir = str(tmp_path / 'ft')
     shutil.copytree(imported['qwen2_moe'], workdir)
     cfg = saved_run.run_config(workdir)
     cfg.train.update(num_steps=20, eval_every=0, checkpoint_every=20)
-    cfg.data.update(batch_size=8, eval_batches=2)  # free: the workdir holds only step 0
+    cfg.data.update(batch_size=8, eval_batches=2,  # free: the workdir holds only step 0
+                    name='text_files', text_format='lines', data_dir=str(tmp_path / 'data'),
+                    text_glob=os.path.join(sysconfig.get_paths()['stdlib'], 'json', '*.py'))
     cfg.opt.update(lr=1e-3, warmup_steps=2)
     before = evaluation.evaluate_checkpoint(cfg, workdir, 'validation', 0)['loss']
     loop.train_and_evaluate(cfg, workdir)
