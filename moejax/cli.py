@@ -317,7 +317,7 @@ def plan_main(argv=None):
 
 
 def _define_plan_flags(argv) -> None:
-    from moejax.plan import search
+    from moejax.plan import REMATS_BY_MEMORY
     config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/mixtral_8x7b.py; '
                                     'override keys with --config.group.key=value.',
                                     lock_config=True, sys_argv=argv)
@@ -328,7 +328,7 @@ def _define_plan_flags(argv) -> None:
                         'estimates for gpu-h100.')
     flags.DEFINE_string('device_memory', None, "Memory per device: 80GB (1e9), 80GiB (2**30); "
                         "default: the target's HBM (80GB without one).")
-    flags.DEFINE_list('remat', list(search.REMATS_BY_MEMORY), 'model.remat policies to try.')
+    flags.DEFINE_list('remat', list(REMATS_BY_MEMORY), 'model.remat policies to try.')
     flags.DEFINE_list('grad_accum', None, 'opt.grad_accum values to try (default: all valid).')
     flags.DEFINE_string('meshes', None, 'Only these layouts: data=1,fsdp=8,expert=8,tensor=1;...')
 

@@ -16,10 +16,8 @@ import time
 from moejax import config as config_lib
 from moejax import target, validate
 from moejax.errors import ConfigError
-from moejax.plan import estimate, targets
+from moejax.plan import REMATS_BY_MEMORY, estimate, targets
 
-# Least memory first: the search finds a micro-batch for the first, then tries the others.
-REMATS_BY_MEMORY = ('block', 'minimal', 'none')
 UNITS = {'': 1, 'B': 1, 'KB': 1e3, 'MB': 1e6, 'GB': 1e9, 'TB': 1e12, 'KIB': 2**10,
          'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40, 'K': 1e3, 'M': 1e6, 'G': 1e9, 'T': 1e12}
 
