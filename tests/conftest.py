@@ -135,11 +135,11 @@ def compile_cache(tmp_path_factory):
 # The modules that take longest on the 2-core CI machine (seconds of test time, measured), run
 # first: xdist hands a worker a whole module at a time (--dist loadscope), so a long module
 # handed out last leaves the other worker idle until it ends. The rest follow in file order.
-LONGEST_FIRST = ('test_transformer', 'test_expert_parallel', 'test_block', 'test_hf_convert',
-                 'test_dry_run', 'test_guards', 'test_notebooks', 'test_sharding',
-                 'test_attention', 'test_multihost', 'test_dispatch', 'test_benchmarks',
-                 'test_ragged', 'test_mla', 'test_sampling', 'test_checkpoint', 'test_text_files',
-                 'test_saved_run', 'test_step', 'test_workdir', 'test_routing', 'test_targets')
+LONGEST_FIRST = ('test_expert_parallel', 'test_transformer', 'test_hf_convert', 'test_block',
+                 'test_guards', 'test_dry_run', 'test_notebooks', 'test_dispatch', 'test_attention',
+                 'test_multihost', 'test_sharding', 'test_ragged', 'test_checkpoint',
+                 'test_sampling', 'test_benchmarks', 'test_mla', 'test_routing', 'test_saved_run',
+                 'test_text_files', 'test_workdir', 'test_targets', 'test_step')
 
 
 def pytest_collection_modifyitems(items):
