@@ -28,7 +28,8 @@ from tests import layouts as P
 
 DROPLESS = dict(dispatch='dropless', ep_buffer_factor=0.0)  # the worst case: nothing can drop
 
-# 1, 2 and 4 experts per device; top-1 GELU experts on data2xexpert4: test_dispatch_engine_...
+# 1, 2 and 4 experts per device. On data2xexpert4 the top-2 SwiGLU model (the top-1 GELU one
+# runs there in test_dispatch_engine_matches_one_device).
 EP_LAYOUTS = [({'data': 2, 'expert': 4}, dict(top_k=2, activation='swiglu')), ({'expert': 8}, {}),
               ({'fsdp': 2, 'expert': 4}, {}), ({'data': 2, 'expert': 2, 'tensor': 2}, {})]
 
