@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests import launcher
-from tests.helpers import REPO, cli_env
+from tests.helpers import REPO, TINY, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def both_ways(*args) -> tuple:
 @pytest.mark.parametrize('args', [
     ('eval.py', '--help'),  # usage text, exit 0
     ('eval.py', '--workdir=/nonexistent/run'),  # a usage error: one line, exit 2
-    ('train.py', '--config=configs/default.py:tiny', '--workdir=/nonexistent/w',
+    ('train.py', TINY, '--workdir=/nonexistent/w',
      '--config.model.d_model=0'),  # refused by validation after the config file is read
 ], ids=['help', 'usage_error', 'bad_config'])
 def test_a_forked_command_gives_what_a_fresh_interpreter_gives(args):
@@ -44,8 +44,7 @@ def test_a_signal_reaches_the_forked_command_and_its_status_tells_it(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     assert isinstance(helped, launcher.Forked) and helped.pid != os.getpid()
     assert '--config' in helped.stdout.read() and helped.wait(timeout=120) == 0
-    killed = launcher.Popen([*train, '--config=configs/default.py:tiny',
-                             f'--workdir={tmp_path / "w"}',
+    killed = launcher.Popen([*train, TINY, f'--workdir={tmp_path / "w"}',
                              f'--config.data.data_dir={tmp_path / "data"}'], cwd=REPO,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed.kill()

@@ -13,7 +13,7 @@ from moejax import data
 from moejax.data import corpus, sources
 from moejax.errors import ConfigError
 from tests.corpora import all_rows, make_cfg, reconstruct, synthetic_documents
-from tests.helpers import run_cli
+from tests.helpers import TINY, run_cli
 
 
 def test_text_files_one_document_per_file(tmp_path):
@@ -88,7 +88,7 @@ def test_text_files_train_with_either_tokenizer(tmp_path, tokenizer, vocab):
     (corpus / 'blob.txt').write_bytes(bytes(range(256)) * 4)
     (corpus / 'latin1.txt').write_bytes('naïve café\n'.encode('latin-1'))
     workdir = tmp_path / 'run'
-    proc = run_cli('train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
+    proc = run_cli('train', TINY, f'--workdir={workdir}',
                    '--config.data.name=text_files', f'--config.data.text_glob={corpus}/*.txt',
                    f'--config.data.tokenizer={tokenizer}', f'--config.data.vocab_size={vocab}',
                    f'--config.data.data_dir={tmp_path / "tfds"}', '--config.train.num_steps=12',
