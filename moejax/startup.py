@@ -4,6 +4,7 @@ start jax.distributed, and turn a config or usage error into one line and exit c
 Exit codes: 0 done; 2 a config or usage error, printed as one line naming key, value and what
 is allowed; 1 anything else, with its traceback; 130 interrupted.
 """
+import ast
 import os
 import re
 import signal
@@ -17,6 +18,29 @@ from moejax import usage
 from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
+
+
+class ListParser(flags.ArgumentParser):
+    """A list-valued config key from the command line (ml_collections parses no lists):
+    `--config.model.dense_layers=[0,1,2]`, `=0,1,2` or `=[]`. Saved configs keep their lists."""
+
+    def parse(self, argument):
+        if isinstance(argument, (list, tuple)):
+            return list(argument)
+        text = argument.strip()
+        try:
+            value = ast.literal_eval(text if text.startswith(('[', '(')) else f'[{text}]')
+        except (SyntaxError, ValueError):
+            raise ValueError(f'{argument!r} is not a list like [0, 1, 2]') from None
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f'{argument!r} is not a list like [0, 1, 2]')
+        return list(value)
+
+    def flag_type(self):
+        return 'list'
+
+
+config_flags.register_flag_parser_for_type(list, ListParser())
 
 
 def define_common(argv):

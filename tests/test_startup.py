@@ -75,10 +75,12 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     assert path.read_text() == 'precious'
 
 
-@pytest.mark.parametrize('args,message', ids=['type', 'not_a_group', 'unknown_group'], argvalues=[
+@pytest.mark.parametrize('args,message', ids=['type', 'not_a_group', 'unknown_group', 'list'], argvalues=[
     (['--config.model.d_model=abc'], "--config.model.d_model='abc': must be of type int"),
     (['--config.model.d_model.x=1'], 'model.d_model is not a group'),
     (['--config.modle.d_model=64'], "unknown config key 'modle'; known: data, mesh, model"),
+    (['--config.model.dense_layers=zero'], "--config.model.dense_layers='zero': must be of type "
+     'list'),
 ])
 def test_override_errors_are_explained_without_a_process(args, message, capsys):
     """The flag-error explanations, in process (fast): they name the key and what is allowed."""
@@ -96,6 +98,17 @@ def flags_under_test(argv):
     fresh = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=fresh, sys_argv=argv)
     fresh(argv)
+    return fresh.config
+
+
+@pytest.mark.parametrize('value,expected', [('[0,1]', [0, 1]), ('0,2', [0, 2]), ('3', [3]),
+                                            ('[]', [])])
+def test_a_list_key_is_set_from_the_command_line(value, expected):
+    """model.dense_layers, a list, in each form startup.ListParser reads (ml_collections
+    itself refuses lists); a list it stays, as config.json saves it."""
+    from moejax import startup  # noqa: F401 - registers the parser, as every command does
+    cfg = flags_under_test(['train', TINY, f'--config.model.dense_layers={value}'])
+    assert cfg.model.dense_layers == expected and isinstance(cfg.model.dense_layers, list)
 
 
 def test_saved_config_of_a_workdir_without_a_readable_config_json_is_one_line(tmp_path):
