@@ -95,10 +95,11 @@ def test_mla_matches_numpy_on_packed_documents(implementation, q_lora_rank):
 
 
 def test_mla_flash_kernel_in_interpret_mode(monkeypatch):
-    """'flash' takes the Pallas Triton kernel (interpreted on CPU), values and gradients as xla."""
+    """'flash' (splash attention, interpreted on CPU) through MLA's padded values: values and
+    gradients as xla."""
     module, _, args, want = module_and_inputs(6, attention='flash')
     monkeypatch.setattr(attention, 'flash_attention', functools.partial(
-        attention.flash_attention, kernel='gpu', interpret=True))
+        attention.flash_attention, kernel='tpu', interpret=True))
     got = jax.jit(lambda x, s, p: module(x, s, p))(*args)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     xla, _, _, _ = module_and_inputs(6, attention='xla')

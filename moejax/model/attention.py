@@ -5,7 +5,7 @@
   chunked  blockwise attention in plain JAX with a flash-style custom VJP: online softmax over
            key blocks, key blocks wholly in a query block's future are never computed, and
            both passes hold O(T * block) temporaries (runs everywhere; plans real-scale memory).
-  flash    a fused kernel honouring segment ids: Pallas Triton `mha` on GPU, splash attention
+  flash    a fused kernel honouring segment ids: tokamax's Pallas Triton kernel on GPU, splash
            on TPU; under a mesh it runs per shard (shard_map over batch and heads).
   auto     flash where the accelerator kernel supports the dtype and head dim, else xla;
            on CPU chunked from CPU_CHUNKED_FROM tokens and two blocks, xla below.
@@ -16,7 +16,6 @@ Rows of padding (segment 0) attend to nothing and come out as zeros.
 """
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -211,16 +210,19 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 def flash_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, kernel: str | None = None,
                     interpret: bool = False):
-    """The fused kernel of this backend ('gpu': Pallas Triton, 'tpu': splash attention).
+    """The fused kernel of this backend ('gpu': tokamax's Pallas Triton, 'tpu': splash).
 
-    `interpret=True` runs the Pallas kernel in interpret mode (any backend; used by tests).
+    `interpret=True` runs splash in interpret mode (on any backend; used by tests). tokamax
+    runs its Triton kernel only compiled, so the GPU kernel is checked where a GPU is lent
+    (benchmarks/accelerator.py) and lowered for cuda by the planner's tests.
     """
     kernel = kernel or target.platform()
-    fns = {'gpu': _pallas_gpu, 'tpu': _splash_tpu}
-    if kernel not in fns:
+    if kernel not in ('gpu', 'tpu'):
         raise ConfigError('model.attention', 'flash',
                           f'needs a GPU or TPU (backend is {kernel}); use auto, xla or chunked')
-    fn = functools.partial(fns[kernel], interpret=interpret)
+    if kernel == 'gpu' and interpret:
+        raise ValueError("tokamax's GPU flash attention has no interpret mode")
+    fn = _tokamax_gpu if kernel == 'gpu' else functools.partial(_splash_tpu, interpret=interpret)
     return _per_shard(fn, q_BTHK, k_BTJK, v_BTJK, segment_ids_BT)
 
 
@@ -259,31 +261,22 @@ def _pad_to(x, multiple: int, axis: int = 1):
     return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
 
-def _pallas_gpu(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, interpret: bool):
-    """jax.experimental.pallas.ops.gpu.attention.mha (Triton; segment ids, causal, VJP).
+def _tokamax_gpu(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT):
+    """tokamax's Pallas Triton flash attention (GQA, causal, a VJP of its own), which replaced
+    jax.experimental.pallas.ops.gpu (removed in jax 0.12.1).
 
-    It takes equal query and K/V head counts, so K/V heads are repeated for GQA; T is padded to
-    a power-of-two block with segment 0 (padding queries see only padding keys, and are zeroed).
+    The packed documents reach it as a boolean mask; a padding query attends to the padding
+    keys before it (never a fully masked row), and its output is zeroed. The planner lowers it
+    from a CPU host under tokamax's cross-compile switch (moejax.plan.targets.tracing_for).
     """
-    with warnings.catch_warnings():  # deprecated in favour of tokamax, which lacks segment ids
-        warnings.simplefilter('ignore', DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-    T, H, K = q_BTHK.shape[1:]
-    groups = H // k_BTJK.shape[2]
-    block = min(128, max(16, pl_next_power_of_2(T)))
-    small = min(32, block)
-    sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
-                                        block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
-    k_BTHK, v_BTHK = (jnp.repeat(x, groups, axis=2) for x in (k_BTJK, v_BTJK))
-    out = pallas_attention.mha(
-        _pad_to(q_BTHK, block), _pad_to(k_BTHK, block), _pad_to(v_BTHK, block),
-        _pad_to(segment_ids_BT, block), sm_scale=1.0 / math.sqrt(K), causal=True,
-        block_sizes=sizes, interpret=interpret)
-    return out[:, :T]
-
-
-def pl_next_power_of_2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+    import tokamax  # noqa: PLC0415 - imported where a GPU step is traced
+    seg = segment_ids_BT
+    same_segment_B1TT = (seg[:, :, None] == seg[:, None, :])[:, None]
+    out = tokamax.dot_product_attention(q_BTHK, k_BTJK, v_BTJK, mask=same_segment_B1TT,
+                                        is_causal=True,  # the kernel skips future key blocks
+                                        scale=1.0 / math.sqrt(q_BTHK.shape[-1]),
+                                        implementation='triton')
+    return out * (seg > 0)[:, :, None, None].astype(out.dtype)
 
 
 def _splash_tpu(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, interpret: bool):

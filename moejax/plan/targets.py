@@ -146,14 +146,15 @@ def concrete_mesh(mesh_shape: dict, devices: list) -> Mesh:
 @contextlib.contextmanager
 def tracing_for(found: TargetDevices):
     """What the kernels' own device checks need while the step is traced: tokamax picks its
-    GPU kernel from the default device (a compile-only GPU here), and its TPU kernels need its
-    cross-compile switch when the host is not a TPU."""
+    GPU kernel from the default device (a compile-only GPU here), and its kernels need its
+    cross-compile switch when the host is not of the target's kind (the checks run again when
+    the backward pass is traced, so the switch stays on for the whole step)."""
     with contextlib.ExitStack() as stack:
         # tokamax logs every autotuning-cache miss (no tuned configs for a chip not here)
         stack.enter_context(errors.quiet('absl'))
         if found.chip.platform == 'gpu' and found.devices:
             stack.enter_context(jax.default_device(found.devices[0]))
-        if found.chip.platform == 'tpu':
+        if found.chip.platform in ('tpu', 'gpu'):
             tokamax = _tokamax_config()
             if tokamax is not None:
                 stack.enter_context(tokamax.cross_compile(True))
