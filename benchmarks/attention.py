@@ -6,7 +6,9 @@ Each shape is BxTxHxK (batch, tokens, query heads, head dim) with H/kv_heads que
 head; rows pack four documents. The loss is <attend(q, k, v), probe>, differentiated w.r.t.
 q, k and v under jit. Implementations are timed round-robin (see moe_layer.py); ratios are
 medians of per-round ratios to xla; temp_bytes is XLA's compiled memory analysis (the peak of
-temporaries, which for xla includes the [B, H, T, T] scores). Prints one JSON line and saves it
+temporaries, which for xla includes the [B, H, T, T] scores); error_to_xla is the largest
+difference of the loss and gradients from xla's, relative to xla's largest (the fused kernels'
+numerics, checked wherever an accelerator runs this). Prints one JSON line and saves it
 to benchmarks/results/.
 """
 import argparse
@@ -15,6 +17,7 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import common  # puts the repository on sys.path
 from moe_layer import median_ratio, time_round_robin
@@ -51,6 +54,14 @@ def compiled(impl, block, args):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
 
 
+def error_to_xla(fns, impl, shape) -> float:
+    """max |got - want| / max |want| over the loss and the gradients, want from 'xla'."""
+    got, want = ([np.asarray(x, np.float64) for x in jax.tree.leaves(step(*args))]
+                 for step, args in (fns[(impl, shape)], fns[('xla', shape)]))
+    return max(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30))
+               for g, w in zip(got, want))
+
+
 def main():
     a = parse_args()
     dtype = jnp.dtype(a.dtype)
@@ -78,6 +89,7 @@ def main():
             entry['ratio_to_xla'] = {i: round(median_ratio(times[(i, shape)],
                                                            times[('xla', shape)]), 3)
                                      for i in impls}
+            entry['error_to_xla'] = {i: error_to_xla(fns, i, shape) for i in impls}
         results.append(entry)
     result = {
         'benchmark': 'attention', 'backend': backend, 'device': jax.devices()[0].device_kind,

@@ -100,11 +100,15 @@ def test_splash_in_interpret_mode_matches_reference():
     assert_matches_reference(fn)
 
 
-def test_the_gpu_kernel_has_no_interpret_mode():
-    q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+def test_the_gpu_kernel_needs_tokamax_and_has_no_interpret_mode(monkeypatch):
+    q, seg = jnp.zeros((1, 8, 2, 16), jnp.bfloat16), jnp.ones((1, 8), jnp.int32)
     with pytest.raises(ValueError, match='no interpret mode'):
-        attention.flash_attention(q, q, q, jnp.ones((1, 8), jnp.int32), kernel='gpu',
-                                  interpret=True)
+        attention.flash_attention(q, q, q, seg, kernel='gpu', interpret=True)
+    assert attention.flash_supported(q, 'gpu') == attention.has_tokamax()
+    monkeypatch.setattr(attention, 'has_tokamax', lambda: False)  # Python 3.11, or no [cuda]
+    assert not attention.flash_supported(q, 'gpu')  # so 'auto' takes xla
+    with pytest.raises(ConfigError, match='needs tokamax'):
+        attention.flash_attention(q, q, q, seg, kernel='gpu')
 
 
 def test_splash_in_bfloat16_over_several_blocks():

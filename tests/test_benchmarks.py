@@ -24,3 +24,5 @@ def test_accelerator_smoke(tmp_path):
     assert set(step['models']) == {'dense', 'moe_dropless'}
     assert set(summary['runs']['moe_layer']['result']['moe_ms']) == {'sort', 'dropless'}
     assert all(m['tokens_per_sec'] > 0 for m in step['models'].values())
+    [attention] = summary['runs']['attention']['result']['results']
+    assert attention['error_to_xla']['xla'] == 0 and attention['error_to_xla']['chunked'] < 1e-4
