@@ -153,7 +153,7 @@ def assert_close(a, b, tol=1e-5):
                                                     (0, 'none', 'top_k')])
 def test_scanned_equals_unrolled(moe_every, remat, router):
     """Same weights, same loss, MoE statistics (per MoE layer, in order) and gradients. With
-    the dense prefix's case (period 1, block remat) every remat policy is covered, so with
+    the dense prefix's mesh test (period 1, block remat) every remat policy is covered, so with
     test_remat_policies_change_nothing a scanned model under any policy computes what the
     unrolled one computes without remat."""
     cfg = tiny_config(num_layers=4, moe_every=moe_every, router=router, jitter=0.1)
@@ -252,16 +252,6 @@ def test_one_seed_gives_one_model_with_a_dense_prefix():
         .get_metadata()['out_sharding'] and 'layers' not in dense_w.get_metadata()['out_sharding']
 
 
-def test_scanned_with_a_dense_prefix_equals_unrolled():
-    """MLA, MTP and block remat: the same weights, loss (MTP's included), MoE statistics in
-    layer order and gradients; each scanned layer draws the unrolled layer's jitter noise
-    (fold_in(rng, layer)). The prefix does not depend on the attention kind or remat policy,
-    which test_scanned_equals_unrolled varies."""
-    cfg = prefix_config('mla', mtp_depth=1)
-    cfg.model.remat = 'block'
-    assert_scanned_equals_unrolled(cfg, moe_layers=4)
-
-
 def test_bias_update_with_a_dense_prefix_moves_each_layers_row():
     """Loss-free balancing after a dense prefix: MoE layer l's load moves the stacked bias row
     of layer l (and the MTP block's its own), as the unrolled model's per-layer update does."""
@@ -289,14 +279,16 @@ def test_generation_with_a_dense_prefix_uses_the_cache_correctly():
 
 
 def test_dense_prefix_scanned_on_a_mesh_trains_like_the_unrolled_model_on_one_device():
-    """The scanned prefix model (MLA, MTP, bias balancing) on 8 devices, the stacked weights
-    over fsdp, heads over tensor and experts over expert: the same 6 training steps as the
-    unrolled model on one device, MTP's loss included."""
+    """The scanned prefix model (MLA, MTP, bias balancing, block remat) on 8 devices, the
+    stacked weights over fsdp, heads over tensor and experts over expert: the same 6 training
+    steps as the unrolled model without remat on one device, MTP's loss included. With jitter,
+    each scanned layer must draw the unrolled layer's noise (fold_in(rng, layer), the prefix
+    counted). It is also the prefix's scanned = unrolled check."""
     def cfg_for(scan, mesh=None):
         cfg = make_config(mesh)
         cfg.model.update(num_layers=3, dense_layers=[0], scan_layers=scan, mtp_depth=1,
-                         **MLA_KEYS)
-        cfg.moe.update(balance='bias', bias_update_rate=0.1)
+                         remat='block' if scan else 'none', **MLA_KEYS)
+        cfg.moe.update(balance='bias', bias_update_rate=0.1, jitter=0.1)
         return cfg
     reference, _, margins = run(cfg_for(False), jax.devices()[:1], ulps=0, record=True)
     margins.assert_clear()
