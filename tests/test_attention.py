@@ -101,12 +101,14 @@ def test_splash_in_interpret_mode_matches_reference():
 
 
 def test_the_gpu_kernel_needs_tokamax_and_has_no_interpret_mode(monkeypatch):
+    """Without tokamax (Python 3.11, or no [cuda] extra) 'auto' takes xla on GPU and 'flash'
+    is a config error; with it, the kernel runs only compiled."""
     q, seg = jnp.zeros((1, 8, 2, 16), jnp.bfloat16), jnp.ones((1, 8), jnp.int32)
     with pytest.raises(ValueError, match='no interpret mode'):
         attention.flash_attention(q, q, q, seg, kernel='gpu', interpret=True)
     assert attention.flash_supported(q, 'gpu') == attention.has_tokamax()
-    monkeypatch.setattr(attention, 'has_tokamax', lambda: False)  # Python 3.11, or no [cuda]
-    assert not attention.flash_supported(q, 'gpu')  # so 'auto' takes xla
+    monkeypatch.setattr(attention, 'has_tokamax', lambda: False)
+    assert not attention.flash_supported(q, 'gpu')
     with pytest.raises(ConfigError, match='needs tokamax'):
         attention.flash_attention(q, q, q, seg, kernel='gpu')
 
