@@ -54,10 +54,13 @@ def compiled(impl, block, args):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
 
 
-def error_to_xla(fns, impl, shape) -> float:
-    """max |got - want| / max |want| over the loss and the gradients, want from 'xla'."""
-    got, want = ([np.asarray(x, np.float64) for x in jax.tree.leaves(step(*args))]
-                 for step, args in (fns[(impl, shape)], fns[('xla', shape)]))
+def loss_and_grads(fns, impl, shape) -> list:
+    step, args = fns[(impl, shape)]
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(step(*args))]
+
+
+def error_to(want, got) -> float:
+    """max |got - want| / max |want| over the loss and the gradients."""
     return max(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30))
                for g, w in zip(got, want))
 
@@ -89,7 +92,9 @@ def main():
             entry['ratio_to_xla'] = {i: round(median_ratio(times[(i, shape)],
                                                            times[('xla', shape)]), 3)
                                      for i in impls}
-            entry['error_to_xla'] = {i: error_to_xla(fns, i, shape) for i in impls}
+            want = loss_and_grads(fns, 'xla', shape)
+            entry['error_to_xla'] = {i: error_to(want, loss_and_grads(fns, i, shape))
+                                     for i in impls}
         results.append(entry)
     result = {
         'benchmark': 'attention', 'backend': backend, 'device': jax.devices()[0].device_kind,

@@ -31,7 +31,7 @@ class ListParser(flags.ArgumentParser):
         try:
             value = ast.literal_eval(text if text.startswith(('[', '(')) else f'[{text}]')
         except (SyntaxError, ValueError):
-            raise ValueError(f'{argument!r} is not a list like [0, 1, 2]') from None
+            value = None
         if not isinstance(value, (list, tuple)):
             raise ValueError(f'{argument!r} is not a list like [0, 1, 2]')
         return list(value)

@@ -154,10 +154,9 @@ def tracing_for(found: TargetDevices):
         stack.enter_context(errors.quiet('absl'))
         if found.chip.platform == 'gpu' and found.devices:
             stack.enter_context(jax.default_device(found.devices[0]))
-        if found.chip.platform in ('tpu', 'gpu'):
-            tokamax = _tokamax_config()
-            if tokamax is not None:
-                stack.enter_context(tokamax.cross_compile(True))
+        tokamax = _tokamax_config()  # every target is a TPU or a GPU
+        if tokamax is not None:
+            stack.enter_context(tokamax.cross_compile(True))
         yield
 
 
