@@ -102,17 +102,17 @@ TINY_RUN_FLAGS = ('--config=configs/default.py:tiny', '--config.train.log_every=
 @pytest.fixture(scope='session')
 def trained_tiny_run(tmp_path_factory, data_dir):
     """configs/default.py:tiny trained its 10 steps through the command line on data_dir (every
-    step logged; evaluations and checkpoints at 5 and 10), once per session; the XLA programs
-    compiled afresh. Read-only: a test that writes into a run copies this one first
-    (shutil.copytree); the session checks at the end that nothing changed it."""
+    step logged; evaluations and checkpoints at 5 and 10), once per session, through the
+    session's XLA cache (train_and_inspect.ipynb runs the same programs). Read-only: a test
+    that writes into a run copies this one first (shutil.copytree); the session checks at the
+    end that nothing changed it."""
     from moejax.run import metrics
     from moejax.run import workdir as workdir_lib
     from tests.helpers import run_cli, snapshot
 
     def train(path):
         proc = run_cli('train', *TINY_RUN_FLAGS, f'--workdir={path}',
-                       f'--config.data.data_dir={data_dir}',
-                       env={'JAX_ENABLE_COMPILATION_CACHE': 'false'})
+                       f'--config.data.data_dir={data_dir}')
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert workdir_lib.saved_steps(str(path)) == [5, 10]
         assert [r['step'] for r in metrics.read_jsonl(str(path / 'metrics.jsonl'))
@@ -127,7 +127,7 @@ def trained_tiny_run(tmp_path_factory, data_dir):
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache for the training commands of the tests that interrupt, resume or
     refuse a run: each restart skips recompiling (~10 s). One per xdist worker, whose tests run
-    one at a time, so no two tests write it at once; trained_tiny_run does not use it, so
+    one at a time, so no two tests write it at once; trained_tiny_run uses the session's, so
     resumed runs are also compared across compilations."""
     return str(tmp_path_factory.getbasetemp() / 'moejax_compile_cache')
 

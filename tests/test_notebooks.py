@@ -2,12 +2,16 @@
 
 The kernel is this interpreter (a kernelspec written to a temporary Jupyter path), so the test
 works from a fresh `pip install -e .[test]` with no kernel installed. train_and_inspect runs the
-`tiny` variant for a few steps on the session's prepared corpus (conftest's data_dir).
+`tiny` variant for its own 10 steps on the session's prepared corpus (conftest's data_dir), in a
+command's environment (8 CPU devices, helpers.cli_env): its programs are trained_tiny_run's,
+which the session's XLA cache holds for whichever of the two compiles second.
 """
 import glob
 import os
 
 import pytest
+
+from tests.helpers import cli_env
 
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
@@ -26,9 +30,9 @@ def kernel_env(tmp_path_factory, data_dir):
     kernelspec.install(kernel_name=KERNEL, prefix=str(root))
     (root / 'tmp').mkdir()
     env = {'JUPYTER_PATH': str(root / 'share' / 'jupyter'), 'TMPDIR': str(root / 'tmp'),
-           'MOEJAX_NOTEBOOK_VARIANT': 'tiny', 'MOEJAX_NOTEBOOK_STEPS': '20',
-           'MOEJAX_DATA_DIR': data_dir, 'JAX_PLATFORMS': 'cpu',
-           'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
+           'MOEJAX_NOTEBOOK_VARIANT': 'tiny', 'MOEJAX_NOTEBOOK_STEPS': '10',
+           'MOEJAX_DATA_DIR': data_dir, 'XLA_FLAGS': cli_env()['XLA_FLAGS'],
+           'JAX_PLATFORMS': 'cpu', 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
