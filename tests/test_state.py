@@ -4,14 +4,17 @@ import numpy as np
 
 from moejax import mesh as mesh_lib
 from moejax.run import state as state_lib
-from tests.layouts import make_config
+from tests.layouts import initial_state, make_config
 
 
 def test_each_device_holds_its_share_of_the_experts():
-    """From the arrays: E / mesh.expert experts per device, distinct along the expert axis."""
+    """From the arrays: E / mesh.expert experts per device, distinct along the expert axis; and
+    the whole state is the one-device init's, bit for bit (the layout tests start from that)."""
     cfg = make_config({'fsdp': 2, 'expert': 4})
     setup = state_lib.make_setup(cfg, mesh_lib.make_mesh(cfg.mesh))
-    state = state_lib.init_state(setup, 0)
+    state = state_lib.init_state(setup, cfg.train.seed)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state),
+                 jax.device_get(initial_state(setup)))
     E, D = cfg.moe.num_experts, cfg.model.d_model
     # The expert weights, and the optimizer's moments of them (mu, nu).
     found = [(jax.tree_util.keystr(path), leaf)
