@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import validate
 from moejax.errors import ConfigError
 from moejax.model import attention
+from moejax.moe import experts
 from tests.helpers import run_cli, tiny_config
 from tests.layouts import assert_same_training, make_config, one_device, run
 from tests.runs import COMMAND, train_records
@@ -106,8 +107,8 @@ def test_the_gpu_kernel_needs_tokamax_and_has_no_interpret_mode(monkeypatch):
     q, seg = jnp.zeros((1, 8, 2, 16), jnp.bfloat16), jnp.ones((1, 8), jnp.int32)
     with pytest.raises(ValueError, match='no interpret mode'):
         attention.flash_attention(q, q, q, seg, kernel='gpu', interpret=True)
-    assert attention.flash_supported(q, 'gpu') == attention.has_tokamax()
-    monkeypatch.setattr(attention, 'has_tokamax', lambda: False)
+    assert attention.flash_supported(q, 'gpu') == experts.tokamax_available()
+    monkeypatch.setattr(experts, 'tokamax_available', lambda: False)
     assert not attention.flash_supported(q, 'gpu')
     with pytest.raises(ConfigError, match='needs tokamax'):
         attention.flash_attention(q, q, q, seg, kernel='gpu')

@@ -15,7 +15,6 @@ float32. Shapes: B batch, T tokens, H query heads, J key/value heads, K head dim
 Rows of padding (segment 0) attend to nothing and come out as zeros.
 """
 import functools
-import importlib.util
 import math
 
 import jax
@@ -24,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import sharding, target
 from moejax.errors import ConfigError
+from moejax.moe import experts
 
 IMPLEMENTATIONS = ('auto', 'xla', 'chunked', 'flash')
 # auto on CPU: chunked from this many tokens, if they make two blocks or more. Measured by
@@ -84,13 +84,14 @@ def _say_fallback(backend: str, shape_dtype) -> None:
 def flash_supported(q_BTHK, backend: str) -> bool:
     """Whether the fused kernel runs these inputs exactly as the XLA path would.
 
-    GPU (where tokamax is installed): Triton computes float32 dots in TF32, so only 16-bit
+    GPU (where tokamax imports): Triton computes float32 dots in TF32, so only 16-bit
     inputs qualify; head dims up to 256 fit the kernel's on-chip tiles. TPU: splash
     attention's lanes want head_dim % 128 == 0.
     """
     head_dim, dtype = q_BTHK.shape[-1], q_BTHK.dtype
     if backend == 'gpu':
-        return dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 256 and has_tokamax()
+        return (dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 256
+                and experts.tokamax_available())
     if backend == 'tpu':
         return dtype in (jnp.bfloat16, jnp.float32) and head_dim % 128 == 0
     return False
@@ -222,7 +223,7 @@ def flash_attention(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT, *, kernel: str | Non
     if kernel not in ('gpu', 'tpu'):
         raise ConfigError('model.attention', 'flash',
                           f'needs a GPU or TPU (backend is {kernel}); use auto, xla or chunked')
-    if kernel == 'gpu' and not has_tokamax():
+    if kernel == 'gpu' and not experts.tokamax_available():
         raise ConfigError('model.attention', 'flash', 'needs tokamax on GPU (pip install '
                           '"moejax[cuda]", Python >= 3.12); use auto, xla or chunked')
     if kernel == 'gpu' and interpret:
@@ -264,10 +265,6 @@ def _dividing_axes(mesh, logical: str, size: int):
 def _pad_to(x, multiple: int, axis: int = 1):
     extra = -x.shape[axis] % multiple
     return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-
-
-def has_tokamax() -> bool:
-    return importlib.util.find_spec('tokamax') is not None
 
 
 def _tokamax_gpu(q_BTHK, k_BTJK, v_BTJK, segment_ids_BT):
